@@ -1,0 +1,32 @@
+# The two commands: `make demo` (whole pipeline on the default data) and `make test`.
+# Both create .venv when missing. On a machine without CUDA, torch is pinned to the CPU wheel
+# first so that resolving the project's `torch>=2.6` pulls no GPU build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CPU_TORCH := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q 'torch>=2.6'; \
+	else \
+		$(BIN)/python -m pip install -q $(CPU_TORCH); \
+	fi
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m pipeline.demo
+
+test: $(STAMP)
+	OMP_NUM_THREADS=2 RLHF_NO_PROGRESS=1 $(BIN)/python -m pytest -q -x tests
+
+clean:
+	rm -rf $(VENV) runs

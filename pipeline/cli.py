@@ -1,0 +1,261 @@
+"""`rlhf`: the command-line entry point. Parses, dispatches, and maps errors to exit codes.
+
+Heavy libraries (torch, transformers) are imported inside the command handlers, never at module
+top, so `rlhf --help` and `rlhf registry ls` answer at once. A `UserError` anywhere becomes one line
+on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from pipeline.errors import EXIT_USER_ERROR, UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come after options (`run sft --config X a=1`), which argparse
+    # cannot assign to a positional once the options interrupted it.
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-")
+                                                    for item in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return args.handler(args) or 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="The InstructGPT recipe: "
+                                     "pretrain → sft → reward → ppo, with one checkpoint registry.")
+    parser.add_argument("--home", help="registry home (default: $RLHF_HOME or ./runs)")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_run(commands)
+    _add_config(commands)
+    _add_registry(commands)
+    _add_data(commands)
+    return parser
+
+
+def _registry(args, create: bool = True):
+    from pipeline.registry import Registry
+    return Registry(args.home, create=create)
+
+
+def _stage_names() -> list[str]:
+    from stages import STAGES
+    return list(STAGES)
+
+
+def _load_stage_config(stage_name: str, config_path: str | None, overrides: list[str]):
+    from pipeline.config import load_config
+    from stages import STAGES
+    if stage_name not in STAGES:
+        raise UserError(f"unknown stage '{stage_name}'; choose one of {', '.join(STAGES)}")
+    module = STAGES[stage_name].load()
+    return module, load_config(module.Config, config_path, overrides)
+
+
+# -- rlhf run -----------------------------------------------------------------------------------
+def _add_run(commands) -> None:
+    run = commands.add_parser("run", help="run one stage", description="Run one stage. Re-running "
+                              "the same command resumes an interrupted run or reuses a finished one.")
+    run.add_argument("stage", choices=_stage_names())
+    run.add_argument("--config", help="stage YAML (default: the stage's built-in defaults)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    run.add_argument("--restart", action="store_true", help="start a new run instead of resuming")
+    run.set_defaults(handler=_cmd_run)
+
+
+def _cmd_run(args) -> int:
+    module, config = _load_stage_config(args.stage, args.config, args.overrides)
+    registry = _registry(args)
+    run = module.run(config, registry, restart=args.restart)
+    print(json.dumps({"run": run.id, "status": run.status, "model_path": run.model_path}))
+    return 0
+
+
+# -- rlhf config --------------------------------------------------------------------------------
+def _add_config(commands) -> None:
+    config = commands.add_parser("config", help="show resolved configs")
+    sub = config.add_subparsers(title="config commands", metavar="ACTION")
+    show = sub.add_parser("show", help="print the resolved config of a stage")
+    show.add_argument("stage", choices=_stage_names())
+    show.add_argument("--config", help="stage YAML")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.set_defaults(handler=_cmd_config_show)
+
+
+def _cmd_config_show(args) -> int:
+    from pipeline.config import to_yaml
+    _, config = _load_stage_config(args.stage, args.config, args.overrides)
+    print(to_yaml(config), end="")
+    return 0
+
+
+# -- rlhf registry ------------------------------------------------------------------------------
+def _add_registry(commands) -> None:
+    registry = commands.add_parser("registry", help="inspect and manage the checkpoint registry")
+    sub = registry.add_subparsers(title="registry commands", metavar="ACTION")
+    ls = sub.add_parser("ls", help="list runs")
+    ls.add_argument("--stage")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=_cmd_registry_ls)
+    show = sub.add_parser("show", help="one run in full")
+    show.add_argument("ref")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_cmd_registry_show)
+    lineage = sub.add_parser("lineage", help="a run and its ancestors")
+    lineage.add_argument("ref")
+    lineage.add_argument("--json", action="store_true")
+    lineage.set_defaults(handler=_cmd_registry_lineage)
+    verify = sub.add_parser("verify", help="check every file against its manifest")
+    verify.add_argument("ref", nargs="?")
+    verify.set_defaults(handler=_cmd_registry_verify)
+    rm = sub.add_parser("rm", help="remove a run and its files")
+    rm.add_argument("ref")
+    rm.add_argument("--force", action="store_true", help="even if other runs depend on it")
+    rm.set_defaults(handler=_cmd_registry_rm)
+    alias = sub.add_parser("alias", help="give a run a name usable as a reference")
+    alias.add_argument("name")
+    alias.add_argument("ref")
+    alias.set_defaults(handler=_cmd_registry_alias)
+
+
+def _run_of(registry, ref: str):
+    """A registry run named by any reference form (run id, STAGE:latest, alias)."""
+    run = registry.lookup(ref)
+    if run is None:
+        raise UserError(f"no run '{ref}' in the registry at {registry.home}; see `rlhf registry ls`")
+    return run
+
+
+def _cmd_registry_ls(args) -> int:
+    from pipeline.registry import Registry, default_home
+    home = args.home or default_home()
+    if not os.path.exists(os.path.join(home, "registry.db")):
+        runs = []
+    else:
+        runs = Registry(home).runs(args.stage)
+    if args.json:
+        print(json.dumps([run.as_json() for run in runs], ensure_ascii=False, indent=1))
+        return 0
+    if not runs:
+        print(f"no runs in {home}")
+    for run in runs:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created_at))
+        parents = ",".join(f"{role}={ref}" for role, ref in run.parents.items()) or "-"
+        print(f"{run.id:<34} {run.stage:<9} {run.status:<11} {when}  parents: {parents}")
+    return 0
+
+
+def _cmd_registry_show(args) -> int:
+    registry = _registry(args, create=False)
+    run = _run_of(registry, args.ref)
+    data = run.as_json()
+    data["metrics"] = {name: series[-1][1] for name, series in registry.metrics(run.id).items()}
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=1))
+    else:
+        for key in ("id", "stage", "status", "config_hash", "data_fingerprint", "model_path",
+                    "parents", "summary", "versions"):
+            print(f"{key:>16}: {data[key]}")
+    return 0
+
+
+def _cmd_registry_lineage(args) -> int:
+    registry = _registry(args, create=False)
+    tree = registry.lineage(_run_of(registry, args.ref).id)
+    if args.json:
+        print(json.dumps(tree, indent=1))
+    else:
+        _print_tree(tree, "")
+    return 0
+
+
+def _print_tree(node: dict, indent: str, role: str = "") -> None:
+    label = f"{role} ← " if role else ""
+    if "path" in node:
+        print(f"{indent}{label}{node['path']}")
+        return
+    print(f"{indent}{label}{node['id']} ({node['stage']}, {node['status']})")
+    for parent_role, parent in node["parents"].items():
+        _print_tree(parent, indent + "  ", parent_role)
+
+
+def _cmd_registry_verify(args) -> int:
+    registry = _registry(args, create=False)
+    run_id = _run_of(registry, args.ref).id if args.ref else None
+    problems = registry.verify(run_id)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print("all checkpoints intact")
+    return 0
+
+
+def _cmd_registry_rm(args) -> int:
+    registry = _registry(args, create=False)
+    run = _run_of(registry, args.ref)
+    registry.remove(run.id, force=args.force)
+    print(f"removed {run.id}")
+    return 0
+
+
+def _cmd_registry_alias(args) -> int:
+    _registry(args, create=False).set_alias(args.name, args.ref)
+    print(f"{args.name} → {args.ref}")
+    return 0
+
+
+# -- rlhf data ----------------------------------------------------------------------------------
+def _add_data(commands) -> None:
+    data = commands.add_parser("data", help="the embedded world: generate data, gold-score a model")
+    sub = data.add_subparsers(title="data commands", metavar="ACTION")
+    world = sub.add_parser("world", help="write the world's data files (deterministic)")
+    world.add_argument("--out", required=True)
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    world.add_argument("--k", type=int, default=4, help="answers per ranked prompt (2-9)")
+    world.set_defaults(handler=_cmd_data_world)
+    validate = sub.add_parser("validate", help="check a ranked reward file row by row")
+    validate.add_argument("file")
+    validate.set_defaults(handler=_cmd_data_validate)
+
+
+def _cmd_data_world(args) -> int:
+    from pathlib import Path
+
+    from pipeline.world import write_world
+    if not 2 <= args.k <= 9:
+        raise UserError(f"--k must be between 2 and 9, got {args.k}")
+    files = write_world(Path(args.out), seed=args.seed, size=args.size, k=args.k)
+    for name, path in sorted(files.items()):
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_data_validate(args) -> int:
+    from pipeline.data import validate_ranked_file
+    print(f"{args.file}: {validate_ranked_file(args.file)} valid rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

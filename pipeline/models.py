@@ -1,0 +1,118 @@
+"""Build a Llama-architecture model from a size preset, or load one from a reference.
+
+A reference is anything `Registry.resolve` accepts (run id, `STAGE:latest`, `RUN@step`, alias, a
+local Hugging Face directory, or a hub name). Registry checkpoints are verified against their
+manifest before loading. LoRA adapters (peft) are applied and loaded here too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from pipeline.config import LoraConfig
+from pipeline.errors import UserError
+from pipeline.registry import MANIFEST, Resolved, require_intact
+
+# hidden, layers, heads, intermediate, vocab, context
+PRESETS = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 intermediate_size=384, vocab_size=2048, max_position_embeddings=256),
+    "small": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                  intermediate_size=1408, vocab_size=8192, max_position_embeddings=512),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=2048, vocab_size=32000, max_position_embeddings=1024),
+}
+
+
+def preset_config(preset: str, tokenizer):
+    """A LlamaConfig for the preset, sized to the tokenizer, dropout off."""
+    from transformers import LlamaConfig
+    if preset not in PRESETS:
+        raise UserError(f"unknown model preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    shape = dict(PRESETS[preset], vocab_size=len(tokenizer))
+    return LlamaConfig(**shape, attention_dropout=0.0, tie_word_embeddings=False,
+                       bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
+
+
+def build_from_preset(preset: str, tokenizer, seed: int):
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(preset_config(preset, tokenizer))
+    _set_generation_ids(model, tokenizer)
+    return model
+
+
+def checked_path(resolved: Resolved) -> str:
+    """Verify a registry checkpoint before use; plain directories and hub names pass through."""
+    path = Path(resolved.path)
+    if resolved.run is not None:
+        directory = path.parent if resolved.step is not None else path
+        require_intact(directory)
+    elif path.is_dir() and (path / MANIFEST).exists():
+        require_intact(path)
+    return resolved.path
+
+
+def load_causal_lm(resolved: Resolved, *, trust_remote_code: bool = False,
+                   trainable_adapter: bool = True):
+    """Load a causal LM (full model or peft adapter directory) for training or sampling."""
+    from transformers import AutoModelForCausalLM
+    path = checked_path(resolved)
+    warn_remote_code(trust_remote_code)
+    adapter = Path(path) / "adapter_config.json"
+    try:
+        if adapter.exists():
+            return _load_adapter(path, adapter, trust_remote_code, trainable_adapter)
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                    dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+
+
+def _load_adapter(path: str, adapter_file: Path, trust_remote_code: bool, trainable: bool):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base_name = json.loads(adapter_file.read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_name, trust_remote_code=trust_remote_code,
+                                                dtype=torch.float32)
+    return PeftModel.from_pretrained(base, path, is_trainable=trainable)
+
+
+def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with a fresh LoRA adapter when enabled (base weights frozen)."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(lora.target_modules), task_type=task_type)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"lora.target_modules {lora.target_modules} do not fit this model: "
+                        f"{str(err).splitlines()[0]}") from None
+
+
+def merge_adapter(model):
+    """A plain model with the adapter folded into its weights (for export)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def warn_remote_code(trust_remote_code: bool) -> None:
+    if trust_remote_code:
+        print("warning: runtime.trust_remote_code is true: code shipped in the model directory "
+              "will run", file=sys.stderr)
+
+
+def _set_generation_ids(model, tokenizer) -> None:
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+

@@ -1,0 +1,521 @@
+"""The checkpoint registry every stage shares: runs, lineage, metrics, published models, states.
+
+One SQLite file (`registry.db`, WAL mode, busy timeout, one transaction per write) in the registry
+home (`./runs`, `--home DIR` or `RLHF_HOME`). Files live beside it:
+
+    HOME/runs/RUN_ID/model/          published model: a plain Hugging Face directory + manifest.json
+    HOME/runs/RUN_ID/state/step-N/   resume state (only the same run reads it)
+    HOME/data/                       generated data cache
+
+A directory is committed by writing it under a temporary sibling name, flushing every file,
+renaming it into place and writing `manifest.json` (sha256 of every file) last. A directory without
+a valid manifest is never used. This module imports no torch, so `rlhf registry ls` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+MANIFEST = "manifest.json"
+STATUSES = ("running", "completed", "failed", "interrupted")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_STEP_RE = re.compile(r"^(.+)@(\d+)$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    stage TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    data_fingerprint TEXT NOT NULL DEFAULT '',
+    versions_json TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    pid INTEGER,
+    host TEXT,
+    model_path TEXT,
+    files_json TEXT,
+    summary_json TEXT NOT NULL DEFAULT '{}',
+    pipeline_id TEXT
+);
+CREATE TABLE IF NOT EXISTS parents (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    parent_ref TEXT NOT NULL,
+    parent_run TEXT,
+    PRIMARY KEY (run_id, role)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, name, step);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE
+);
+"""
+
+
+@dataclass
+class Run:
+    """One row of the `runs` table, with its parents."""
+
+    id: str
+    stage: str
+    status: str
+    config: dict
+    config_hash: str
+    data_fingerprint: str
+    versions: dict
+    created_at: float
+    updated_at: float
+    model_path: str | None
+    files: dict | None
+    summary: dict
+    pipeline_id: str | None
+    pid: int | None = None
+    host: str | None = None
+    parents: dict[str, str] = field(default_factory=dict)      # role -> ref as given
+    parent_runs: dict[str, str] = field(default_factory=dict)  # role -> run id (registry parents)
+
+    def as_json(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k not in ("pid", "host")}
+        return data
+
+
+@dataclass
+class Resolved:
+    """What a reference points at: a local directory (maybe a registry run's) or a hub name."""
+
+    path: str                 # a local directory, or a hub model/data set name
+    run: Run | None = None    # the registry run, when the reference named one
+    step: int | None = None   # set for RUN@step references (a resume state's model)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).is_dir()
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("RLHF_HOME") or "runs")
+
+
+class Registry:
+    """The registry at `home`. Opening it creates the home and the database when missing."""
+
+    def __init__(self, home: str | Path | None = None, create: bool = True):
+        self.home = Path(home) if home is not None else default_home()
+        self.db_path = self.home / "registry.db"
+        if create:
+            self._ensure_home()
+        elif not self.db_path.exists():
+            raise UserError(f"no registry at {self.home}; run a stage first or pass --home DIR")
+        self._db = self._connect()
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _ensure_home(self) -> None:
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            probe = self.home / f".write-probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"registry home {self.home} is not writable ({err.strerror}); "
+                            f"pass --home DIR or set RLHF_HOME to a writable directory")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout = 60000")
+        db.execute("PRAGMA foreign_keys = ON")
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode = WAL")
+        db.executescript(SCHEMA)
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _write(self):
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlock)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def run_dir(self, run_id: str) -> Path:
+        check_name(run_id, "run id")
+        return self.home / "runs" / run_id
+
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    # -- runs ---------------------------------------------------------------------------------
+    def create_run(self, stage: str, config: dict, config_hash: str, *, parents: dict[str, Resolved],
+                   data_fingerprint: str = "", versions: dict | None = None,
+                   pipeline_id: str | None = None) -> Run:
+        run_id = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        now = time.time()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO runs (id, stage, status, config_json, config_hash, data_fingerprint,"
+                " versions_json, created_at, updated_at, pid, host, pipeline_id)"
+                " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, stage, json.dumps(config, ensure_ascii=False), config_hash,
+                 data_fingerprint, json.dumps(versions or {}), now, now, os.getpid(),
+                 socket.gethostname(), pipeline_id))
+            for role, parent in parents.items():
+                db.execute("INSERT INTO parents VALUES (?, ?, ?, ?)",
+                           (run_id, role, parent.path if parent.run is None else
+                            parent.run.id + (f"@{parent.step}" if parent.step else ""),
+                            parent.run.id if parent.run else None))
+        return self.get(run_id)
+
+    def get(self, run_id: str) -> Run:
+        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise UserError(f"no run '{run_id}' in the registry at {self.home}; "
+                            f"see `rlhf registry ls`")
+        return self._to_run(row)
+
+    def _to_run(self, row: sqlite3.Row) -> Run:
+        parents = self._db.execute(
+            "SELECT role, parent_ref, parent_run FROM parents WHERE run_id = ?", (row["id"],)
+        ).fetchall()
+        status = row["status"]
+        if status == "running" and not _process_alive(row["pid"], row["host"]):
+            status = "interrupted"  # its process is gone: it was killed, not finished
+        return Run(
+            id=row["id"], stage=row["stage"], status=status, config=json.loads(row["config_json"]),
+            config_hash=row["config_hash"], data_fingerprint=row["data_fingerprint"],
+            versions=json.loads(row["versions_json"]), created_at=row["created_at"],
+            updated_at=row["updated_at"], model_path=row["model_path"],
+            files=json.loads(row["files_json"]) if row["files_json"] else None,
+            summary=json.loads(row["summary_json"]), pipeline_id=row["pipeline_id"],
+            pid=row["pid"], host=row["host"],
+            parents={p["role"]: p["parent_ref"] for p in parents},
+            parent_runs={p["role"]: p["parent_run"] for p in parents if p["parent_run"]})
+
+    def runs(self, stage: str | None = None, pipeline_id: str | None = None) -> list[Run]:
+        query, args = "SELECT * FROM runs WHERE 1=1", []
+        if stage:
+            query += " AND stage = ?"
+            args.append(stage)
+        if pipeline_id:
+            query += " AND pipeline_id = ?"
+            args.append(pipeline_id)
+        rows = self._db.execute(query + " ORDER BY created_at, id", args).fetchall()
+        return [self._to_run(row) for row in rows]
+
+    def find_matching(self, stage: str, config_hash: str, data_fingerprint: str,
+                      parents: dict[str, Resolved]) -> Run | None:
+        """The newest run of `stage` with the same config, data and parents (for reuse or resume)."""
+        wanted = {role: (p.run.id if p.run else p.path) for role, p in parents.items()}
+        for run in reversed(self.runs(stage)):
+            if run.config_hash != config_hash or run.data_fingerprint != data_fingerprint:
+                continue
+            have = {role: run.parent_runs.get(role, ref) for role, ref in run.parents.items()}
+            if have == wanted and run.status in ("completed", "interrupted", "failed"):
+                return run
+        return None
+
+    def set_status(self, run_id: str, status: str, summary: dict | None = None) -> None:
+        assert status in STATUSES
+        with self._write() as db:
+            db.execute("UPDATE runs SET status = ?, updated_at = ?, pid = ? WHERE id = ?",
+                       (status, time.time(), os.getpid(), run_id))
+            if summary is not None:
+                db.execute("UPDATE runs SET summary_json = ? WHERE id = ?",
+                           (json.dumps(summary, ensure_ascii=False), run_id))
+
+    def claim(self, run_id: str) -> None:
+        """Mark an interrupted run as running again in this process (resume)."""
+        self.set_status(run_id, "running")
+
+    def update_summary(self, run_id: str, values: dict) -> None:
+        with self._write() as db:
+            row = db.execute("SELECT summary_json FROM runs WHERE id = ?", (run_id,)).fetchone()
+            summary = json.loads(row["summary_json"])
+            summary.update(values)
+            db.execute("UPDATE runs SET summary_json = ?, updated_at = ? WHERE id = ?",
+                       (json.dumps(summary, ensure_ascii=False), time.time(), run_id))
+
+    def log_metrics(self, run_id: str, step: int, values: dict[str, float]) -> None:
+        now = time.time()
+        with self._write() as db:
+            db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
+                           [(run_id, step, name, float(v), now) for name, v in values.items()])
+
+    def truncate_metrics(self, run_id: str, after_step: int) -> None:
+        """Drop metrics logged after a resume state: the resumed run logs them again."""
+        with self._write() as db:
+            db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (run_id, after_step))
+
+    def metrics(self, run_id: str) -> dict[str, list[tuple[int, float]]]:
+        series: dict[str, list[tuple[int, float]]] = {}
+        for row in self._db.execute(
+                "SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY rowid", (run_id,)):
+            series.setdefault(row["name"], []).append((row["step"], row["value"]))
+        return series
+
+    # -- published models ---------------------------------------------------------------------
+    def publish(self, run_id: str, write_files, summary: dict | None = None) -> Path:
+        """Write the run's model with `write_files(tmp_dir)`, commit it, and mark the run completed."""
+        final = self.run_dir(run_id) / "model"
+        files = commit_directory(final, write_files)
+        with self._write() as db:
+            db.execute("UPDATE runs SET model_path = ?, files_json = ?, status = 'completed',"
+                       " updated_at = ?, summary_json = ? WHERE id = ?",
+                       (str(final.resolve()), json.dumps(files), time.time(),
+                        json.dumps(summary or {}, ensure_ascii=False), run_id))
+        return final
+
+    # -- references ---------------------------------------------------------------------------
+    def resolve(self, ref: str, *, stage: str | None = None) -> Resolved:
+        """Resolve run id, `STAGE:latest`, `REF@step`, alias, or a path / hub name."""
+        if not ref or "\x00" in ref:
+            raise UserError("empty or invalid reference; use a run id, STAGE:latest, an alias or a path")
+        step_match = _STEP_RE.match(ref)
+        if step_match:
+            base = self.resolve(step_match.group(1))
+            if base.run is None:
+                raise UserError(f"'{ref}': @step works only on registry runs")
+            return self._state_ref(base.run, int(step_match.group(2)))
+        run = self.lookup(ref)
+        if run is not None:
+            if run.status != "completed" or not run.model_path:
+                raise UserError(f"run {run.id} has no published model (status {run.status}); "
+                                f"resume it with `rlhf resume {run.id}` or use REF@step")
+            return Resolved(run.model_path, run)
+        if Path(ref).exists():
+            if not Path(ref).is_dir():
+                raise UserError(f"'{ref}' is a file; a model reference must be a directory, a run id, "
+                                f"STAGE:latest or an alias")
+            return Resolved(str(Path(ref).resolve()))
+        if ref.endswith(":latest"):
+            raise UserError(f"no completed {ref.split(':')[0]} run in the registry at {self.home}; "
+                            f"run `rlhf run {ref.split(':')[0]}` first or pass a path")
+        if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", ref) and not ref.startswith((".", "/")):
+            return Resolved(ref)  # a hub name, for users with a network
+        raise UserError(f"reference '{ref}' is not a run id, alias, STAGE:latest, directory or hub "
+                        f"name; see `rlhf registry ls`")
+
+    def lookup(self, ref: str) -> Run | None:
+        if ref.endswith(":latest"):
+            stage = ref[: -len(":latest")]
+            done = [r for r in self.runs(stage) if r.status == "completed"]
+            return done[-1] if done else None
+        if not _NAME_RE.match(ref):
+            return None
+        row = self._db.execute("SELECT run_id FROM aliases WHERE name = ?", (ref,)).fetchone()
+        run_id = row["run_id"] if row else ref
+        found = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return self._to_run(found) if found else None
+
+    def _state_ref(self, run: Run, step: int) -> Resolved:
+        model_dir = self.run_dir(run.id) / "state" / f"step-{step}" / "model"
+        if not (model_dir.parent / MANIFEST).exists():
+            have = [s for s, _ in list_states(self.run_dir(run.id))]
+            raise UserError(f"run {run.id} has no committed state at step {step}; "
+                            f"states: {have or 'none'}")
+        return Resolved(str(model_dir.resolve()), run, step)
+
+    def set_alias(self, name: str, ref: str) -> None:
+        check_name(name, "alias")
+        run = self.lookup(ref)
+        if run is None:
+            raise UserError(f"no run '{ref}' to alias; see `rlhf registry ls`")
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO aliases VALUES (?, ?)", (name, run.id))
+
+    def children(self, run_id: str) -> list[str]:
+        rows = self._db.execute("SELECT run_id FROM parents WHERE parent_run = ?", (run_id,))
+        pipeline_children = self._db.execute("SELECT id FROM runs WHERE pipeline_id = ?", (run_id,))
+        return sorted({r[0] for r in rows} | {r[0] for r in pipeline_children})
+
+    def lineage(self, run_id: str) -> dict:
+        """The run and its ancestors as a nested dict (role -> parent tree)."""
+        run = self.get(run_id)
+        tree = {"id": run.id, "stage": run.stage, "status": run.status, "parents": {}}
+        for role, ref in run.parents.items():
+            parent_run = run.parent_runs.get(role)
+            tree["parents"][role] = self.lineage(parent_run) if parent_run else {"path": ref}
+        return tree
+
+    def remove(self, run_id: str, force: bool = False) -> None:
+        run = self.get(run_id)
+        dependants = self.children(run.id)
+        if dependants and not force:
+            raise UserError(f"run {run.id} is a parent of {', '.join(dependants)}; "
+                            f"remove those first or pass --force")
+        with self._write() as db:
+            db.execute("UPDATE parents SET parent_run = NULL WHERE parent_run = ?", (run.id,))
+            db.execute("DELETE FROM runs WHERE id = ?", (run.id,))
+        shutil.rmtree(self.run_dir(run.id), ignore_errors=True)
+
+    def verify(self, run_id: str | None = None) -> list[str]:
+        """Problems found in published models and resume states (empty list = all intact)."""
+        runs = [self.get(run_id)] if run_id else self.runs()
+        problems = []
+        for run in runs:
+            if run.model_path:
+                problems += [f"{run.id}: {p}" for p in verify_directory(Path(run.model_path))]
+            for _, state_dir in list_states(self.run_dir(run.id)):
+                problems += [f"{run.id}: {p}" for p in verify_directory(state_dir)]
+        return problems
+
+
+def check_name(name: str, what: str) -> str:
+    """Names that become paths must stay inside the registry home (no '../', '/', NUL)."""
+    if not _NAME_RE.match(name or ""):
+        raise UserError(f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-' "
+                        f"(at most 64, not starting with '.')")
+    return name
+
+
+def _process_alive(pid: int | None, host: str | None) -> bool:
+    if pid is None:
+        return False
+    if host != socket.gethostname():
+        return True  # another machine's process cannot be checked from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _is_not_zombie(pid)
+
+
+def _is_not_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+# -- committed directories ------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_directory(final: Path, write_files) -> dict[str, str]:
+    """Atomically create `final`: temp sibling → files → fsync → rename → manifest last.
+
+    Returns the manifest's {relative path: sha256}. If `final` exists without a valid manifest (a
+    crash mid-commit) it is replaced; a committed `final` is never overwritten.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+        write_files(tmp)
+        _fsync_tree(tmp)
+        if final.exists():
+            if not verify_directory(final):
+                raise UserError(f"{final} is already committed; refusing to overwrite it")
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(final.parent)
+    files = {str(p.relative_to(final)): sha256_file(p)
+             for p in sorted(final.rglob("*")) if p.is_file()}
+    write_manifest(final, files)
+    return files
+
+
+def write_manifest(directory: Path, files: dict[str, str]) -> None:
+    tmp = directory / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump({"files": files, "created": time.time()}, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.rename(tmp, directory / MANIFEST)
+    _fsync_dir(directory)
+
+
+def verify_directory(directory: Path) -> list[str]:
+    """Every problem with a committed directory, each naming the file; [] when intact."""
+    manifest = directory / MANIFEST
+    if not directory.is_dir():
+        return [f"{directory} is missing"]
+    if not manifest.is_file():
+        return [f"{manifest} is missing (the directory was never committed or was tampered with)"]
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{manifest} is not a valid manifest"]
+    problems = []
+    for rel, digest in files.items():
+        path = directory / rel
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path} does not match its sha256 in the manifest (corrupted or replaced)")
+    return problems
+
+
+def require_intact(directory: Path) -> None:
+    """Refuse to load a registry checkpoint that fails verification, naming the bad file."""
+    problems = verify_directory(directory)
+    if problems:
+        raise UserError(f"checkpoint {directory} failed verification: {problems[0]}; "
+                        f"run `rlhf registry verify` for details")
+
+
+def list_states(run_dir: Path) -> list[tuple[int, Path]]:
+    """Committed-looking state directories of a run, newest first."""
+    state_root = run_dir / "state"
+    if not state_root.is_dir():
+        return []
+    found = []
+    for path in state_root.iterdir():
+        match = re.fullmatch(r"step-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)

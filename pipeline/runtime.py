@@ -1,0 +1,275 @@
+"""The runtime every stage uses: accelerate wiring, seeding, resume states, metrics, publishing.
+
+`StageRun.open(...)` decides whether a stage run is new, resumed (an interrupted run with the same
+config, parents and data) or already done (reused). It owns the `Accelerator`: device, precision
+(bf16 where the device supports it, fp32 on CPU), main-process-only registry writes, metrics to the
+registry and optional trackers, committed resume states and the published model. It runs unchanged
+on CPU, one GPU, and under `torchrun` / `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from huggingface_hub.utils import disable_progress_bars
+
+import pipeline
+from pipeline.config import RuntimeConfig, StageConfig, config_hash, to_dict
+from pipeline.errors import UserError
+from pipeline.registry import (Registry, Resolved, Run, commit_directory, list_states,
+                               verify_directory)
+
+# Saving a checkpoint is not a long task worth its own bar; stage progress bars are ours.
+disable_progress_bars()
+
+
+def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Accelerator:
+    """One place builds the Accelerator (precision policy, trackers)."""
+    precision = cfg.precision
+    if precision == "auto":
+        use_bf16 = torch.cuda.is_available() and not cfg.cpu and torch.cuda.is_bf16_supported()
+        precision = "bf16" if use_bf16 else "fp32"
+    return Accelerator(
+        cpu=cfg.cpu,
+        mixed_precision="no" if precision == "fp32" else precision,
+        log_with=list(cfg.report_to) or None,
+        project_dir=str(run_dir / "trackers") if run_dir and cfg.report_to else None,
+    )
+
+
+def versions() -> dict[str, str]:
+    import transformers
+    return {"rlhf-pipeline": pipeline.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "git": _git_revision()}
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class ResumePoint:
+    """A committed state to continue from."""
+
+    step: int
+    path: Path
+    extra: dict
+
+
+class StageRun:
+    """One stage run in the registry plus the accelerator that trains it."""
+
+    def __init__(self, registry: Registry, run: Run, accelerator: Accelerator,
+                 config: StageConfig, resume: ResumePoint | None, reused: bool):
+        self.registry = registry
+        self.run = run
+        self.accelerator = accelerator
+        self.config = config
+        self.resume = resume
+        self.reused = reused
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, stage: str, config: StageConfig, registry: Registry, *,
+             parents: dict[str, Resolved], data_fingerprint: str, restart: bool = False,
+             pipeline_id: str | None = None) -> "StageRun":
+        accelerator = make_accelerator(config.runtime)
+        set_seed(config.seed)
+        digest = config_hash(config)
+        decision = [None, None, False]
+        if accelerator.is_main_process:
+            decision = _decide(stage, config, digest, registry, parents, data_fingerprint,
+                               restart, pipeline_id)
+        broadcast_object_list(decision) if accelerator.num_processes > 1 else None
+        run_id, resume, reused = decision
+        run = registry.get(run_id)
+        if run.config.get("runtime", {}).get("report_to") and not reused:
+            accelerator.init_trackers(run.id)
+        return cls(registry, run, accelerator, config, resume, reused)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def run_dir(self) -> Path:
+        return self.registry.run_dir(self.run.id)
+
+    @property
+    def start_step(self) -> int:
+        return self.resume.step if self.resume else 0
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    # -- metrics ------------------------------------------------------------------------------
+    def log(self, step: int, values: dict[str, float]) -> None:
+        values = {k: float(v) for k, v in values.items()}
+        if self.is_main:
+            self.registry.log_metrics(self.run.id, step, values)
+        if self.config.runtime.report_to:
+            self.accelerator.log(values, step=step)
+
+    def progress(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+        return tqdm(total=total, initial=self.start_step, desc=desc, unit="step",
+                    disable=not self.is_main or os.environ.get("RLHF_NO_PROGRESS") == "1",
+                    dynamic_ncols=True, file=sys.stderr)
+
+    # -- resume states ------------------------------------------------------------------------
+    def save_state(self, step: int, *, models: dict[str, Any], optimizers: dict[str, Any],
+                   schedulers: dict[str, Any], extra: dict, tokenizer=None) -> None:
+        """Commit `state/step-N/`: models as HF dirs, optimizer/scheduler/RNG, `extra` (JSON).
+
+        Old states are pruned to `checkpoint.keep_last` only after the new one is committed.
+        """
+        rng_states = _gather_rng(self.accelerator)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            def write(tmp: Path) -> None:
+                for name, model in models.items():
+                    self.accelerator.unwrap_model(model).save_pretrained(tmp / name)
+                    if tokenizer is not None:
+                        tokenizer.save_pretrained(tmp / name)
+                for name, optimizer in optimizers.items():
+                    torch.save(optimizer.state_dict(), tmp / f"optimizer-{name}.pt")
+                for name, scheduler in schedulers.items():
+                    torch.save(scheduler.state_dict(), tmp / f"scheduler-{name}.pt")
+                torch.save(rng_states, tmp / "rng.pt")
+                (tmp / "trainer_state.json").write_text(
+                    json.dumps({"step": step, "extra": extra}, indent=1, ensure_ascii=False))
+
+            commit_directory(self.run_dir / "state" / f"step-{step}", write)
+            self._prune_states()
+        self.accelerator.wait_for_everyone()
+
+    def _prune_states(self) -> None:
+        keep = self.config.checkpoint.keep_last
+        for _, path in list_states(self.run_dir)[keep:]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load_state(self, optimizers: dict[str, Any], schedulers: dict[str, Any]) -> dict:
+        """Restore optimizers, schedulers and RNG from the resume point; returns its `extra`."""
+        path = self.resume.path
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(_load_tensors(path / f"optimizer-{name}.pt"))
+        for name, scheduler in schedulers.items():
+            scheduler.load_state_dict(_load_tensors(path / f"scheduler-{name}.pt"))
+        rng_states = _load_tensors(path / "rng.pt")
+        _set_rng(rng_states[self.accelerator.process_index])
+        return self.resume.extra
+
+    def state_model_dir(self, name: str = "model") -> Path | None:
+        """Where to load model `name` from when resuming (None for a fresh run)."""
+        return self.resume.path / name if self.resume else None
+
+    # -- finishing ----------------------------------------------------------------------------
+    def publish(self, model, tokenizer, summary: dict, extra_writer=None) -> Path | None:
+        """Save the final model as a plain HF directory and mark the run completed."""
+        self.accelerator.wait_for_everyone()
+        final = None
+        if self.is_main:
+            def write(tmp: Path) -> None:
+                self.accelerator.unwrap_model(model).save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                if extra_writer is not None:
+                    extra_writer(tmp)
+            final = self.registry.publish(self.run.id, write, summary)
+            self.say(f"published {self.run.id} → {final}")
+        if self.config.runtime.report_to:
+            self.accelerator.end_training()
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def fail(self, status: str) -> None:
+        if self.is_main:
+            self.registry.set_status(self.run.id, status)
+
+
+def _decide(stage, config, digest, registry, parents, data_fingerprint, restart, pipeline_id):
+    """New run, resume or reuse. Runs on the main process only; returns [run_id, resume, reused]."""
+    previous = None if restart else registry.find_matching(stage, digest, data_fingerprint, parents)
+    if previous is not None and previous.status == "completed":
+        print(f"{stage}: reusing completed run {previous.id} (same config, parents and data; "
+              f"--restart trains again)", file=sys.stderr)
+        return [previous.id, None, True]
+    if previous is not None:
+        resume = newest_intact_state(registry, previous)
+        registry.claim(previous.id)
+        registry.truncate_metrics(previous.id, resume.step if resume else -1)
+        where = f"step {resume.step}" if resume else "the start (no committed state)"
+        print(f"{stage}: resuming {previous.id} from {where}", file=sys.stderr)
+        return [previous.id, resume, False]
+    run = registry.create_run(stage, to_dict(config), digest, parents=parents,
+                              data_fingerprint=data_fingerprint, versions=versions(),
+                              pipeline_id=pipeline_id)
+    print(f"{stage}: new run {run.id}", file=sys.stderr)
+    return [run.id, None, False]
+
+
+def newest_intact_state(registry: Registry, run: Run) -> ResumePoint | None:
+    """The newest committed state that verifies; broken ones are reported and skipped."""
+    for step, path in list_states(registry.run_dir(run.id)):
+        problems = verify_directory(path)
+        if problems:
+            print(f"state step-{step} of {run.id} is not intact ({problems[0]}); "
+                  f"falling back to an older state", file=sys.stderr)
+            continue
+        extra = json.loads((path / "trainer_state.json").read_text())["extra"]
+        return ResumePoint(step, path, extra)
+    return None
+
+
+def _load_tensors(path: Path):
+    """torch.load restricted to tensors and plain containers; never a pickle fallback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an unpickling refusal or a damaged file: both are the user's to fix
+        raise UserError(f"cannot load {path} safely ({type(err).__name__}); the state is damaged "
+                        f"or not written by this tool; rerun with --restart") from None
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng(accelerator: Accelerator) -> list[dict]:
+    """Every process's RNG state, indexed by process (main writes them all)."""
+    state = _rng_state()
+    return gather_object([state]) if accelerator.num_processes > 1 else [state]

@@ -1,0 +1,136 @@
+"""The supervised training loop shared by pretrain, sft and reward.
+
+A stage hands `fit` its model, a function that returns the micro-batches of a given optimizer step,
+and a loss function. The batches of step N depend only on (seed, N), so a resumed run sees exactly
+the samples an uninterrupted run would, with no data-loader state to save.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from contextlib import nullcontext
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.runtime import StageRun
+
+
+def step_indices(n_examples: int, step: int, per_step: int, seed: int) -> np.ndarray:
+    """Example indices for global optimizer step `step`: epochs are seeded permutations."""
+    start = step * per_step
+    out = []
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n_examples)
+        order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+        take = min(per_step - len(out), n_examples - offset)
+        out.extend(order[offset: offset + take].tolist())
+    return np.asarray(out)
+
+
+def micro_batch_indices(stage_run: StageRun, n_examples: int, step: int) -> list[np.ndarray]:
+    """This process's micro-batches of step `step` (global batch = batch × accum × processes)."""
+    train = stage_run.config.train
+    procs = stage_run.accelerator.num_processes
+    rank = stage_run.accelerator.process_index
+    indices = step_indices(n_examples, step, train.batch_size * train.grad_accum * procs,
+                           stage_run.config.seed)
+    per_micro = train.batch_size * procs
+    return [indices[i * per_micro:(i + 1) * per_micro][rank::procs] for i in range(train.grad_accum)]
+
+
+def warmup_cosine(optimizer, warmup: int, total: int, min_ratio: float):
+    """Linear warmup to lr, then cosine decay to lr·min_ratio at `total` steps."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(stage_run: StageRun, model: torch.nn.Module):
+    train = stage_run.config.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = stage_run.accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
+                                  betas=(0.9, 0.95), fused=fused)
+    scheduler = warmup_cosine(optimizer, train.warmup_steps, train.max_steps, train.min_lr_ratio)
+    return optimizer, scheduler
+
+
+def fit(stage_run: StageRun, model, tokenizer, *,
+        batches_for_step: Callable[[int], list[tuple[np.ndarray, dict]]],
+        loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+        eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+        tokens_in: Callable[[dict], int] = lambda batch: 0,
+        desc: str = "train") -> dict:
+    """Train to `train.max_steps`, saving resume states; returns the final eval metrics.
+
+    `batches_for_step(step)` → [(example_indices, batch_tensors), ...], one per micro-batch.
+    `loss_fn(model, batch)` → (loss, metrics to average over the step).
+    """
+    accelerator = stage_run.accelerator
+    train = stage_run.config.train
+    optimizer, scheduler = make_optimizer(stage_run, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if stage_run.resume:
+        stage_run.load_state({"main": optimizer}, {"main": scheduler})
+    model.train()
+    bar = stage_run.progress(train.max_steps, desc)
+    for step in range(stage_run.start_step, train.max_steps):
+        started = time.perf_counter()
+        micro = batches_for_step(step)
+        sums: dict[str, float] = {}
+        tokens = 0
+        for i, (indices, batch) in enumerate(micro):
+            sync = i == len(micro) - 1
+            with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                loss, metrics = loss_fn(model, to_device(batch, accelerator.device))
+                accelerator.backward(loss / len(micro))
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value / len(micro)
+            tokens += tokens_in(batch)
+        if train.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % train.log_every == 0 or step + 1 == train.max_steps:
+            seen = np.concatenate([idx for idx, _ in micro])
+            elapsed = time.perf_counter() - started
+            values = {name: float(v) for name, v in sums.items()}
+            values.update(lr=scheduler.get_last_lr()[0], batch_crc=zlib.crc32(seen.tobytes()),
+                          step_time=elapsed)
+            if tokens:
+                values["tokens_per_s"] = tokens * accelerator.num_processes / elapsed
+            stage_run.log(step + 1, values)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+        bar.update(1)
+        if eval_fn and train.eval_every and (step + 1) % train.eval_every == 0 \
+                and step + 1 < train.max_steps:
+            stage_run.log(step + 1, evaluate(model, eval_fn))
+        if (step + 1) % stage_run.config.checkpoint.every_steps == 0 and step + 1 < train.max_steps:
+            stage_run.save_state(step + 1, models={"model": model}, optimizers={"main": optimizer},
+                                 schedulers={"main": scheduler}, extra={}, tokenizer=tokenizer)
+    bar.close()
+    final = evaluate(model, eval_fn) if eval_fn else {}
+    if final:
+        stage_run.log(train.max_steps, final)
+    return final
+
+
+def evaluate(model, eval_fn) -> dict:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        result = eval_fn(model)
+    model.train(was_training)
+    return result
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

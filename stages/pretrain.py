@@ -1,0 +1,151 @@
+"""Pretrain stage: train a causal LM on a text corpus, from scratch or from an existing model.
+
+    rlhf run pretrain --config configs/tiny/pretrain.yaml [train.max_steps=200 ...]
+
+Reads top to bottom: corpus → tokenizer (trained byte-level BPE, or an existing one) → model
+(size preset, or an existing HF directory to continue) → pack into fixed-length blocks with EOS
+between documents → train with the shared loop → eval loss and perplexity → publish.
+Re-running the same command after an interruption resumes from the last committed state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pipeline.config import Section, StageConfig
+from pipeline.errors import UserError
+from pipeline.registry import Registry, Resolved, Run
+from pipeline.sources import WorldSection, world_file
+
+
+class ModelSection(Section):
+    preset: Literal["tiny", "small", "base"] = Field("tiny", description="size when training from scratch")
+    source: str | None = Field(None, description="continue pretraining this model (ref, dir or hub name)")
+
+
+class TokenizerSection(Section):
+    path: str | None = Field(None, description="an existing tokenizer directory or hub name")
+    vocab_size: int = Field(2048, ge=300, description="vocabulary of a newly trained tokenizer")
+
+
+class DataSection(Section):
+    sources: list[str] = Field(default_factory=list,
+                               description="text/JSONL/Parquet files, directories or a hub data set; "
+                                           "empty = the embedded world's corpus")
+    text_field: str = "text"
+    world: WorldSection = Field(default_factory=WorldSection)
+    seq_len: int = Field(128, ge=8, description="tokens per packed block")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of blocks held out")
+
+
+class Config(StageConfig):
+    model: ModelSection = Field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    data: DataSection = Field(default_factory=DataSection)
+
+
+def corpus_paths(config: Config, registry: Registry) -> list[str]:
+    if config.data.sources:
+        return list(config.data.sources)
+    return [str(world_file(registry, config.data.world, "pretrain.jsonl"))]
+
+
+def run(config: Config, registry: Registry, *, restart: bool = False,
+        pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
+    from pipeline.data import fingerprint_files, read_text_corpus
+    from pipeline.runtime import StageRun
+
+    paths = corpus_paths(config, registry)
+    texts = read_text_corpus(paths, text_field=config.data.text_field)
+    if parents is None:
+        parents = {"model": registry.resolve(config.model.source)} if config.model.source else {}
+    stage_run = StageRun.open("pretrain", config, registry, parents=parents,
+                              data_fingerprint=fingerprint_files(paths), restart=restart,
+                              pipeline_id=pipeline_id)
+    if stage_run.reused:
+        return stage_run.run
+    try:
+        return _train(stage_run, config, texts, parents)
+    except BaseException as err:
+        stage_run.fail("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+        raise
+
+
+def _train(stage_run, config: Config, texts: list[str], parents: dict[str, Resolved]) -> Run:
+    from pipeline.trainer import fit, micro_batch_indices
+
+    tokenizer, model = _tokenizer_and_model(stage_run, config, texts, parents)
+    blocks = pack_blocks(texts, tokenizer, config.data.seq_len)
+    n_eval = max(1, int(len(blocks) * config.data.eval_fraction))
+    if len(blocks) - n_eval < 1:
+        raise UserError(f"the corpus gives only {len(blocks)} blocks of {config.data.seq_len} "
+                        f"tokens; add text or lower data.seq_len")
+    train_blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
+    stage_run.say(f"pretrain: {model.num_parameters():,} parameters, {len(train_blocks)} train "
+                  f"blocks of {config.data.seq_len} tokens, {n_eval} eval blocks")
+
+    def batches_for_step(step: int):
+        return [(idx, {"input_ids": train_blocks[torch.from_numpy(idx)]})
+                for idx in micro_batch_indices(stage_run, len(train_blocks), step)]
+
+    def eval_fn(model) -> dict:
+        return eval_language_model(model, eval_blocks, config.train, stage_run.accelerator.device)
+
+    final = fit(stage_run, model, tokenizer, batches_for_step=batches_for_step,
+                loss_fn=causal_lm_loss, eval_fn=eval_fn,
+                tokens_in=lambda batch: batch["input_ids"].numel(), desc="pretrain")
+    stage_run.say(f"pretrain: eval loss {final['eval_loss']:.4f}, "
+                  f"perplexity {final['eval_perplexity']:.2f}")
+    stage_run.publish(model, tokenizer, summary=final)
+    return stage_run.registry.get(stage_run.run.id)
+
+
+def _tokenizer_and_model(stage_run, config: Config, texts: list[str], parents):
+    from pipeline.models import PRESETS, build_from_preset, load_causal_lm
+    from pipeline.tokenizer import load_tokenizer, train_tokenizer
+
+    resume_dir = stage_run.state_model_dir()
+    trust = config.runtime.trust_remote_code
+    if resume_dir is not None:
+        source = Resolved(str(resume_dir))
+        return load_tokenizer(source.path), load_causal_lm(source, trust_remote_code=trust)
+    if "model" in parents:
+        tokenizer = load_tokenizer(parents["model"].path, trust_remote_code=trust)
+        return tokenizer, load_causal_lm(parents["model"], trust_remote_code=trust)
+    if config.tokenizer.path:
+        tokenizer = load_tokenizer(config.tokenizer.path, trust_remote_code=trust)
+    else:
+        tokenizer = train_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
+    tokenizer.model_max_length = PRESETS[config.model.preset]["max_position_embeddings"]
+    return tokenizer, build_from_preset(config.model.preset, tokenizer, config.seed)
+
+
+def pack_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Concatenate documents with EOS between them and cut into (N, seq_len) blocks."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
+    n_blocks = len(flat) // seq_len
+    return torch.from_numpy(flat[: n_blocks * seq_len].reshape(n_blocks, seq_len).copy())
+
+
+def causal_lm_loss(model, batch: dict):
+    out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+    return out.loss, {}
+
+
+def eval_language_model(model, blocks: torch.Tensor, train, device) -> dict:
+    """Mean next-token loss over up to `eval_batches` batches of held-out blocks, and perplexity."""
+    losses = []
+    limit = train.eval_batches * train.batch_size
+    for start in range(0, min(len(blocks), limit), train.batch_size):
+        batch = blocks[start: start + train.batch_size].to(device)
+        losses.append(model(input_ids=batch, labels=batch).loss.float().item())
+    loss = float(np.mean(losses))
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
+
