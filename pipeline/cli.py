@@ -48,7 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(commands)
     _add_registry(commands)
     _add_data(commands)
+    _add_score(commands)
+    _add_pipeline(commands)
+    _add_checkpoint_tools(commands)
     return parser
+
+
+def _lazy(module: str, function: str):
+    """A handler imported only when its command runs (keeps `--help` free of torch)."""
+    def handler(args):
+        import importlib
+        return getattr(importlib.import_module(module), function)(args)
+    return handler
 
 
 def _registry(args, create: bool = True):
@@ -237,6 +248,73 @@ def _add_data(commands) -> None:
     validate = sub.add_parser("validate", help="check a ranked reward file row by row")
     validate.add_argument("file")
     validate.set_defaults(handler=_cmd_data_validate)
+    gold = sub.add_parser("gold-score", help="sample a model on held-out prompts; gold-score it")
+    gold.add_argument("ref", help="model reference (run id, STAGE:latest, alias, directory)")
+    gold.add_argument("--prompts", help="JSONL of {\"prompt\": ...} (default: the world's eval prompts)")
+    gold.add_argument("--n", type=int, default=100, help="number of prompts")
+    gold.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gold.add_argument("--json", action="store_true")
+    gold.set_defaults(handler=_lazy("pipeline.evaluate", "cmd_gold_score"))
+
+
+def _add_score(commands) -> None:
+    score = commands.add_parser("score", help="score answers with a reward model",
+                                description="Score answers with a reward model: a table for "
+                                "--prompt/--response, or accuracy and disagreements for --data.")
+    score.add_argument("ref", help="reward model reference (registry or path)")
+    score.add_argument("--prompt")
+    score.add_argument("--response", action="append", default=[], help="repeat for each answer")
+    score.add_argument("--data", help="ranked JSONL file (any accepted reward format)")
+    score.add_argument("--worst", type=int, default=5, help="prompts shown where the model "
+                       "disagrees most with the labels")
+    score.add_argument("--plot", help="write a PNG of the score distribution per rank")
+    score.add_argument("--json", action="store_true")
+    score.set_defaults(handler=_lazy("pipeline.scoring", "cmd_score"))
+
+
+def _add_pipeline(commands) -> None:
+    pipe = commands.add_parser("pipeline", help="run the stages in order")
+    sub = pipe.add_subparsers(title="pipeline commands", metavar="ACTION")
+    run = sub.add_parser("run", help="run pretrain → sft → reward → ppo (reusing finished stages)")
+    run.add_argument("config", help="pipeline YAML, e.g. configs/tiny/pipeline.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key=value")
+    run.add_argument("--from", dest="from_stage", help="start at this stage")
+    run.add_argument("--only", help="run only this stage")
+    run.add_argument("--restart", action="store_true", help="train every selected stage anew")
+    run.set_defaults(handler=_lazy("pipeline.chain", "cmd_pipeline_run"))
+    resume = commands.add_parser("resume", help="continue the most recent interrupted run or "
+                                 "pipeline (or the one named)")
+    resume.add_argument("run", nargs="?")
+    resume.set_defaults(handler=_lazy("pipeline.chain", "cmd_resume"))
+    report = commands.add_parser("report", help="a report card (Markdown, PNG plots, HTML)")
+    report.add_argument("ref", help="a pipeline or run reference")
+    report.add_argument("--out", help="output directory (default: HOME/reports/RUN)")
+    report.set_defaults(handler=_lazy("pipeline.report", "cmd_report"))
+
+
+def _add_checkpoint_tools(commands) -> None:
+    chat = commands.add_parser("chat", help="talk to a checkpoint in the terminal")
+    chat.add_argument("ref")
+    chat.add_argument("--reward", help="show this reward model's score of each answer")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--max-new-tokens", type=int, default=96)
+    chat.set_defaults(handler=_lazy("pipeline.chat", "cmd_chat"))
+    generate = commands.add_parser("generate", help="sample answers for scripts")
+    generate.add_argument("ref")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--n", type=int, default=1)
+    generate.add_argument("--temperature", type=float, default=0.7)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--max-new-tokens", type=int, default=96)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--json", action="store_true")
+    generate.set_defaults(handler=_lazy("pipeline.chat", "cmd_generate"))
+    export = commands.add_parser("export", help="write a checkpoint as a plain HF directory")
+    export.add_argument("ref")
+    export.add_argument("out")
+    export.add_argument("--merge", action="store_true", help="fold a LoRA adapter into the weights")
+    export.set_defaults(handler=_lazy("pipeline.export", "cmd_export"))
 
 
 def _cmd_data_world(args) -> int:
