@@ -1,0 +1,608 @@
+"""Data loading and format adapters: text corpora, SFT conversations and ranked answers.
+
+Every loader returns plain Python structures and turns each data mistake into a one-line
+`UserError` naming `file:line` (for Parquet files and hub data sets, the 1-based row number) and
+what to do about it. Nothing is skipped silently except blank lines.
+
+Sources, accepted by every loader:
+- a local file: `.jsonl` / `.json` (JSON Lines, one object per line), `.parquet`, and for text
+  corpora also `.txt` (documents separated by blank lines);
+- a local directory: every such file in it and below it, in sorted path order;
+- a hub data set name (anything that is not a local path), loaded with
+  `datasets.load_dataset(name, split="train")`.
+
+Text encoding: files must be UTF-8. A UTF-8 byte order mark at the start of a file is accepted and
+dropped; CRLF line endings are accepted.
+
+Normalized shapes:
+- SFT rows: `{"messages": [{"role", "content"}, ...], "_line": n}`, from the `messages`,
+  `prompt_completion`, `alpaca` and `sharegpt` formats.
+- Ranked rows: `{"prompt": str | messages, "responses": [str, ...], "ranks": [int, ...], "_line": n}`
+  where `ranks[i]` is response i's place (0 = best, equal numbers = tie), from the `ranked`,
+  `pairwise`, `transcripts` and `scored` formats.
+
+`columns` maps the names used here to the user's column names, e.g.
+`{"prompt": "question", "completion": "answer"}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+from pipeline.errors import UserError
+
+DEFAULT_MAX_LINE_BYTES = 1_000_000
+JSONL_SUFFIXES = (".jsonl", ".json")
+ROW_SUFFIXES = (*JSONL_SUFFIXES, ".parquet")
+TEXT_SUFFIXES = (*ROW_SUFFIXES, ".txt")
+BYTE_ORDER_MARK = "\ufeff"
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "system": "system"}
+TRANSCRIPT_ANSWER_MARK = "\n\nAssistant:"
+
+# Each format with the columns it reads; a format is auto-detected when the first row has all of
+# its required columns, checked in this order (more specific formats first).
+SFT_FORMATS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+}
+SFT_OPTIONAL_COLUMNS = ("input",)
+RANKED_FORMATS = {
+    "ranked": ("prompt", "responses", "ranking"),
+    "scored": ("prompt", "responses"),
+    "pairwise": ("prompt", "chosen", "rejected"),
+    "transcripts": ("chosen", "rejected"),
+}
+
+
+class Record(NamedTuple):
+    """One source row with where it came from, so every message can name `file:line`."""
+
+    source: str  # file path or hub data set name
+    line: int  # 1-based line (JSON Lines) or row number (Parquet, hub)
+    row: dict
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+
+
+class _NonFiniteLiteral(ValueError):
+    """Raised from the JSON parser on NaN / Infinity, which are not JSON and break losses."""
+
+
+def _reject_non_finite(literal: str) -> Any:
+    raise _NonFiniteLiteral(literal)
+
+
+def read_jsonl(path: str | Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[tuple[int, dict]]:
+    """Read a JSON Lines file strictly: `(line number, object)` per non-blank line."""
+    path = _existing_file(path)
+    rows = [(number, _parse_object(text, f"{path}:{number}"))
+            for number, text in _numbered_lines(path, max_line_bytes) if text.strip()]
+    if not rows:
+        raise UserError(f"{path}: the file has no rows (it is empty or blank); "
+                        "write one JSON object per line")
+    return rows
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a file; name a file inside it")
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; check the path")
+    return path
+
+
+def _numbered_lines(path: Path, max_line_bytes: int | None) -> Iterator[tuple[int, str]]:
+    """Yield (1-based number, decoded line without its line ending); strict UTF-8.
+
+    Lines are split on b"\\n" only (not on Unicode line separators inside JSON strings), and are
+    read with a size limit so a huge line is rejected before it is held in memory.
+    """
+    # Two extra bytes leave room for "\r\n" on a line of exactly max_line_bytes.
+    read_limit = -1 if max_line_bytes is None else max_line_bytes + 2
+    with path.open("rb") as handle:
+        number = 0
+        while raw := handle.readline(read_limit):
+            number += 1
+            content = raw.rstrip(b"\r\n")
+            if max_line_bytes is not None and len(content) > max_line_bytes:
+                raise UserError(f"{path}:{number}: line is longer than {max_line_bytes:,} bytes "
+                                "(max_line_bytes); shorten the row or raise max_line_bytes")
+            text = _decode(content, path, number)
+            yield number, text.removeprefix(BYTE_ORDER_MARK) if number == 1 else text
+
+
+def _decode(content: bytes, path: Path, number: int) -> str:
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}:{number}: not valid UTF-8 (byte 0x{content[err.start]:02x} at "
+                        f"byte {err.start + 1} of the line); save the file as UTF-8") from None
+
+
+def _parse_object(text: str, where: str) -> dict:
+    try:
+        value = json.loads(text, parse_constant=_reject_non_finite)
+    except _NonFiniteLiteral as err:
+        raise UserError(f"{where}: {err} is not allowed in JSON; use a finite number or null") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); "
+                        "write one JSON object per line") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON is nested too deeply; flatten the row") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a JSON object {{...}}, found a JSON {_json_type(value)}; "
+                        "write one JSON object per line")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+             type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+    import pyarrow  # lazy: heavy, and only Parquet users need it
+    import pyarrow.parquet
+
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as err:
+        raise UserError(f"{path}: not a readable Parquet file ({_first_line(err)}); "
+                        "check the file or convert it to JSON Lines") from None
+    if not rows:
+        raise UserError(f"{path}: the Parquet file has no rows; give a file with data")
+    return list(enumerate(rows, start=1))
+
+
+def _read_txt_documents(path: Path) -> list[str]:
+    """Plain text: documents are separated by one or more blank lines."""
+    documents, current = [], []
+    for _, line in _numbered_lines(path, max_line_bytes=None):
+        if line.strip():
+            current.append(line)
+        elif current:
+            documents.append("\n".join(current))
+            current = []
+    if current:
+        documents.append("\n".join(current))
+    return documents
+
+
+def load_hub_rows(name: str, split: str = "train") -> list[tuple[int, dict]]:
+    """Load a data set with `datasets.load_dataset(name, split=split)`: `(row number, row)` pairs."""
+    import datasets  # lazy: heavy, and only hub users need it
+
+    try:
+        rows = datasets.load_dataset(name, split=split).to_list()
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
+        raise UserError(f"{name}: not a local file or directory, and loading it as a hub data set "
+                        f"failed ({_first_line(err)}); check the path or the data set name") from None
+    if not rows:
+        raise UserError(f"{name}: the data set's {split!r} split has no rows; give a data set with data")
+    return list(enumerate(rows, start=1))
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving sources
+
+
+def _as_list(sources: str | Path | Iterable[str | Path]) -> list[str | Path]:
+    return [sources] if isinstance(sources, (str, Path)) else list(sources)
+
+
+def _visible_files(root: Path) -> list[Path]:
+    """Every file under a directory, sorted, skipping hidden files and folders (.git, .cache)."""
+    return sorted(path for path in root.rglob("*") if path.is_file()
+                  and not any(part.startswith(".") for part in path.relative_to(root).parts))
+
+
+def _local_files(source: str | Path, suffixes: tuple[str, ...]) -> list[Path] | None:
+    """The local files a source names, or None when it is a hub data set name."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = [file for file in _visible_files(path) if file.suffix in suffixes]
+        if not files:
+            raise UserError(f"{path}: the directory holds no {', '.join(suffixes)} files; "
+                            "point at a directory with data files")
+        return files
+    if path.is_file():
+        if path.suffix not in suffixes:
+            raise UserError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                            f"use one of {', '.join(suffixes)}")
+        return [path]
+    if isinstance(source, Path) or _looks_like_path(source):
+        raise UserError(f"{path}: file or directory not found; check the path")
+    return None
+
+
+def _looks_like_path(source: str) -> bool:
+    # Hub names look like "name" or "owner/name"; anything clearly meant as a file path is
+    # reported as missing instead of being sent to the hub.
+    return source.startswith(("/", ".", "~", "\\")) or Path(source).suffix in (*TEXT_SUFFIXES, ".csv")
+
+
+def _file_records(path: Path) -> list[Record]:
+    numbered = _read_parquet(path) if path.suffix == ".parquet" else read_jsonl(path)
+    return [Record(str(path), number, row) for number, row in numbered]
+
+
+def _hub_records(name: str) -> list[Record]:
+    return [Record(name, number, row) for number, row in load_hub_rows(name)]
+
+
+def _read_records(path_or_name: str | Path) -> list[Record]:
+    files = _local_files(path_or_name, ROW_SUFFIXES)
+    if files is None:
+        return _hub_records(str(path_or_name))
+    return [record for path in files for record in _file_records(path)]
+
+
+def read_text_corpus(paths_or_dirs: str | Path | Iterable[str | Path],
+                     text_field: str = "text") -> list[str]:
+    """All documents of one or more text sources (.txt, JSON Lines, Parquet, directory, hub name)."""
+    documents: list[str] = []
+    for source in _as_list(paths_or_dirs):
+        files = _local_files(source, TEXT_SUFFIXES)
+        if files is None:
+            documents += _texts(_hub_records(str(source)), text_field)
+        for path in files or []:
+            documents += (_read_txt_documents(path) if path.suffix == ".txt"
+                          else _texts(_file_records(path), text_field))
+    if not any(document.strip() for document in documents):
+        raise UserError(f"{', '.join(map(str, _as_list(paths_or_dirs)))}: the corpus holds no text; "
+                        "point at files with text in them")
+    return documents
+
+
+def _texts(records: list[Record], text_field: str) -> list[str]:
+    hint = "set text_field to the column that holds the text"
+    return [_string(_column(record, text_field, hint), record, text_field) for record in records]
+
+
+def fingerprint_files(paths: str | Path | Iterable[str | Path]) -> str:
+    """A stable sha256 over file names and contents (directories: every visible file, sorted).
+
+    Names are taken relative to the directory given (a plain file: its base name), so the same
+    data in another place gives the same fingerprint.
+    """
+    digest = hashlib.sha256()
+    for source in _as_list(paths):
+        root = Path(source).expanduser()
+        if root.is_dir():
+            named = [(path.relative_to(root).as_posix(), path) for path in _visible_files(root)]
+        else:
+            named = [(root.name, _existing_file(root))]
+        for name, path in named:
+            # Length-prefixing keeps ("ab", "c") and ("a", "bc") apart.
+            encoded = name.encode("utf-8")
+            digest.update(len(encoded).to_bytes(8, "big") + encoded)
+            digest.update(path.stat().st_size.to_bytes(8, "big"))
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Shared row checks
+
+
+def _column(record: Record, column: str, hint: str) -> Any:
+    if column not in record.row:
+        found = ", ".join(map(str, record.row)) or "none"
+        raise UserError(f"{record.where}: missing column '{column}' (found: {found}); {hint}")
+    return record.row[column]
+
+
+def _mapped(record: Record, name: str, columns: dict[str, str]) -> Any:
+    """Read our column `name` through the user's `columns` mapping."""
+    column = columns.get(name, name)
+    hint = (f"check columns['{name}']" if name in columns
+            else f"map your column name with columns={{'{name}': '<your column>'}}")
+    return _column(record, column, hint)
+
+
+def _string(value: Any, record: Record, what: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{record.where}: {what} must be text, found {_json_type(value)}; fix the row")
+    return value
+
+
+def _checked_columns(columns: dict[str, str] | None, formats: dict[str, tuple[str, ...]],
+                     optional: tuple[str, ...] = ()) -> dict[str, str]:
+    known = sorted({name for names in formats.values() for name in names} | set(optional))
+    for name, column in (columns or {}).items():
+        if name not in known:
+            raise UserError(f"columns: unknown name {name!r}; valid names: {', '.join(known)}")
+        if not isinstance(column, str):
+            raise UserError(f"columns.{name}: expected a column name (text), got {column!r}")
+    return dict(columns or {})
+
+
+def _resolved_format(fmt: str, first: Record, columns: dict[str, str],
+                     formats: dict[str, tuple[str, ...]]) -> str:
+    if fmt in formats:
+        return fmt
+    if fmt != "auto":
+        raise UserError(f"unknown data format {fmt!r}; valid formats: auto, {', '.join(formats)}")
+    for name, needed in formats.items():
+        if all(columns.get(column, column) in first.row for column in needed):
+            return name
+    found = ", ".join(map(str, first.row)) or "none"
+    raise UserError(f"{first.where}: cannot tell the data format from the columns ({found}); "
+                    f"set the format to one of {', '.join(formats)} or map column names with columns")
+
+
+def _turns(value: Any, record: Record, what: str, role_key: str = "role",
+           content_key: str = "content", role_names: dict[str, str] | None = None) -> list[dict]:
+    """Normalize a list of chat turns to [{"role", "content"}]; `role_names` maps source roles."""
+    role_names = role_names or {role: role for role in ROLES}
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{record.where}: {what} must be a non-empty list of "
+                        f"{{'{role_key}', '{content_key}'}} objects; fix the row")
+    messages = []
+    for index, turn in enumerate(value):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise UserError(f"{record.where}: {what}[{index}] must be an object with "
+                            f"'{role_key}' and '{content_key}'; fix the row")
+        role = turn[role_key]
+        if role not in role_names:
+            raise UserError(f"{record.where}: unknown role {role!r} in {what}[{index}]; "
+                            f"valid roles: {', '.join(role_names)}")
+        content = _string(turn[content_key], record, f"{what}[{index}].{content_key}")
+        messages.append({"role": role_names[role], "content": content})
+    return messages
+
+
+def _text_or_turns(value: Any, record: Record, what: str) -> str | list[dict]:
+    """Prompts, completions and responses are either plain text or a list of chat messages."""
+    return _turns(value, record, what) if isinstance(value, list) else _string(value, record, what)
+
+
+# --------------------------------------------------------------------------------------------
+# SFT adapters
+
+
+def _sft_messages(record: Record, columns: dict[str, str]) -> list[dict]:
+    return _turns(_mapped(record, "messages", columns), record, "messages")
+
+
+def _sft_prompt_completion(record: Record, columns: dict[str, str]) -> list[dict]:
+    prompt = _text_or_turns(_mapped(record, "prompt", columns), record, "prompt")
+    completion = _text_or_turns(_mapped(record, "completion", columns), record, "completion")
+    prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    completion_messages = ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
+                           else completion)
+    return prompt_messages + completion_messages
+
+
+def _sft_alpaca(record: Record, columns: dict[str, str]) -> list[dict]:
+    instruction = _string(_mapped(record, "instruction", columns), record, "instruction")
+    extra_input = record.row.get(columns.get("input", "input")) or ""
+    output = _string(_mapped(record, "output", columns), record, "output")
+    user = f"{instruction}\n\n{_string(extra_input, record, 'input')}" if extra_input else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _sft_sharegpt(record: Record, columns: dict[str, str]) -> list[dict]:
+    return _turns(_mapped(record, "conversations", columns), record, "conversations",
+                  role_key="from", content_key="value", role_names=SHAREGPT_ROLES)
+
+
+SFT_ADAPTERS: dict[str, Callable[[Record, dict[str, str]], list[dict]]] = {
+    "messages": _sft_messages,
+    "sharegpt": _sft_sharegpt,
+    "alpaca": _sft_alpaca,
+    "prompt_completion": _sft_prompt_completion,
+}
+
+
+def _checked_conversation(messages: list[dict], record: Record) -> list[dict]:
+    answers = [(i, m["content"]) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not answers:
+        raise UserError(f"{record.where}: the conversation has no assistant turn; "
+                        "every row needs at least one answer to learn from")
+    for index, content in answers:
+        if not content.strip():
+            raise UserError(f"{record.where}: assistant turn {index} (counting all turns from 0) is "
+                            "empty; write the answer or remove the row")
+    return messages
+
+
+def load_sft_rows(path_or_name: str | Path, fmt: str = "auto",
+                  columns: dict[str, str] | None = None) -> list[dict]:
+    """Load SFT data as `{"messages": [...], "_line": n}` rows from any supported format."""
+    columns = _checked_columns(columns, SFT_FORMATS, SFT_OPTIONAL_COLUMNS)
+    records = _read_records(path_or_name)
+    adapter = SFT_ADAPTERS[_resolved_format(fmt, records[0], columns, SFT_FORMATS)]
+    return [{"messages": _checked_conversation(adapter(record, columns), record), "_line": record.line}
+            for record in records]
+
+
+# --------------------------------------------------------------------------------------------
+# Reward (ranked answers) adapters
+
+# An adapter returns (prompt, raw responses, ranks); _ranked_row then normalizes and checks them.
+RankedParts = tuple[Any, list, list[int]]
+
+
+def _response_list(record: Record, columns: dict[str, str]) -> list:
+    responses = _mapped(record, "responses", columns)
+    if not isinstance(responses, list):
+        raise UserError(f"{record.where}: responses must be a list, found {_json_type(responses)}; "
+                        "fix the row")
+    if len(responses) < 2:
+        raise UserError(f"{record.where}: {len(responses)} response(s), a ranking needs at least 2; "
+                        "add answers or remove the row")
+    return responses
+
+
+def _ranks_from_ranking(ranking: Any, count: int, record: Record) -> list[int]:
+    """[2, [0, 3], 1] (indices best → worst, lists are ties) → ranks [1, 2, 0, 1]."""
+    if not isinstance(ranking, list):
+        raise UserError(f"{record.where}: ranking must be a list of response indices, best first; "
+                        "fix the row")
+    ranks: list[int | None] = [None] * count
+    for place, group in enumerate(ranking):
+        indices = group if isinstance(group, list) else [group]
+        if not indices:
+            raise UserError(f"{record.where}: ranking[{place}] is an empty group; remove it")
+        for index in indices:
+            if not _is_int(index):
+                raise UserError(f"{record.where}: ranking entry {index!r} is not a response index; "
+                                "use integers")
+            if not 0 <= index < count:
+                raise UserError(f"{record.where}: ranking index {index} is out of range "
+                                f"({count} responses, indices 0..{count - 1}); fix the ranking")
+            if ranks[index] is not None:
+                raise UserError(f"{record.where}: ranking repeats index {index}; "
+                                "rank every response exactly once")
+            ranks[index] = place
+    missing = [index for index, rank in enumerate(ranks) if rank is None]
+    if missing:
+        raise UserError(f"{record.where}: ranking is missing response index(es) "
+                        f"{', '.join(map(str, missing))}; rank every response exactly once")
+    return ranks
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dense_ranks(values: list[float], higher_is_better: bool) -> list[int]:
+    """Place of each value among the distinct values, best first: [0.5, 2, 0.5] → [1, 0, 1]."""
+    distinct = sorted(set(values), reverse=higher_is_better)
+    return [distinct.index(value) for value in values]
+
+
+def _scored_value(item: Any, index: int, record: Record) -> tuple[str, float]:
+    if not isinstance(item, dict) or "text" not in item or ("rank" in item) == ("score" in item):
+        raise UserError(f"{record.where}: responses[{index}] must be {{'text', 'rank'}} or "
+                        "{'text', 'score'} (plain-text responses need a 'ranking' column); fix the row")
+    key = "rank" if "rank" in item else "score"
+    value = item[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{record.where}: responses[{index}] has a non-numeric {key} {value!r}; "
+                        "use a number")
+    if math.isnan(value):
+        raise UserError(f"{record.where}: responses[{index}] has a NaN {key}; use a number")
+    if math.isinf(value):
+        raise UserError(f"{record.where}: responses[{index}] has an infinite {key}; use a finite number")
+    return key, value
+
+
+def _ranked_parts(record: Record, columns: dict[str, str]) -> RankedParts:
+    responses = _response_list(record, columns)
+    ranks = _ranks_from_ranking(_mapped(record, "ranking", columns), len(responses), record)
+    return _mapped(record, "prompt", columns), responses, ranks
+
+
+def _scored_parts(record: Record, columns: dict[str, str]) -> RankedParts:
+    items = _response_list(record, columns)
+    keyed = [_scored_value(item, index, record) for index, item in enumerate(items)]
+    keys = {key for key, _ in keyed}
+    if len(keys) > 1:
+        raise UserError(f"{record.where}: responses mix 'rank' and 'score'; use one of them per row")
+    ranks = _dense_ranks([value for _, value in keyed], higher_is_better=keys == {"score"})
+    return _mapped(record, "prompt", columns), [item["text"] for item in items], ranks
+
+
+def _pairwise_parts(record: Record, columns: dict[str, str]) -> RankedParts:
+    chosen, rejected = _mapped(record, "chosen", columns), _mapped(record, "rejected", columns)
+    return _mapped(record, "prompt", columns), [chosen, rejected], [0, 1]
+
+
+def _transcript_parts(record: Record, columns: dict[str, str]) -> RankedParts:
+    chosen_prompt, chosen = _split_transcript(record, "chosen", columns)
+    rejected_prompt, rejected = _split_transcript(record, "rejected", columns)
+    if chosen_prompt != rejected_prompt:
+        raise UserError(f"{record.where}: chosen and rejected differ before their last "
+                        "'\\n\\nAssistant:'; both transcripts must share the conversation up to the answer")
+    return chosen_prompt, [chosen, rejected], [0, 1]
+
+
+def _split_transcript(record: Record, name: str, columns: dict[str, str]) -> tuple[str, str]:
+    """Split "…\\n\\nAssistant: answer" after its LAST assistant mark: (prompt, answer).
+
+    The prompt keeps the mark, so prompt + answer gives back the transcript unchanged.
+    """
+    transcript = _string(_mapped(record, name, columns), record, name)
+    cut = transcript.rfind(TRANSCRIPT_ANSWER_MARK)
+    if cut < 0:
+        raise UserError(f"{record.where}: {name} has no '\\n\\nAssistant:' turn; a transcript must "
+                        "end with the assistant's answer")
+    cut += len(TRANSCRIPT_ANSWER_MARK)
+    return transcript[:cut], transcript[cut:]
+
+
+RANKED_ADAPTERS: dict[str, Callable[[Record, dict[str, str]], RankedParts]] = {
+    "ranked": _ranked_parts,
+    "scored": _scored_parts,
+    "pairwise": _pairwise_parts,
+    "transcripts": _transcript_parts,
+}
+
+
+def _response_text(value: Any, index: int, record: Record) -> str:
+    """A response is text, or a chat-message list whose last assistant message is the answer."""
+    what = f"responses[{index}]"
+    response = _text_or_turns(value, record, what)
+    if isinstance(response, str):
+        return response
+    answers = [m["content"] for m in response if m["role"] == "assistant"]
+    if not answers:
+        raise UserError(f"{record.where}: {what} has no assistant message; give the answer as "
+                        "text or as an assistant message")
+    return answers[-1]
+
+
+def _ranked_row(record: Record, parts: RankedParts) -> dict:
+    prompt, raw_responses, ranks = parts
+    responses = [_response_text(value, index, record) for index, value in enumerate(raw_responses)]
+    rank_of_text: dict[str, tuple[int, int]] = {}
+    for index, (text, rank) in enumerate(zip(responses, ranks)):
+        if not text.strip():
+            raise UserError(f"{record.where}: responses[{index}] is empty; write the answer or remove it")
+        first_index, first_rank = rank_of_text.setdefault(text.strip(), (index, rank))
+        if first_rank != rank:
+            raise UserError(f"{record.where}: responses[{first_index}] and responses[{index}] are the "
+                            "same text ranked in different places; tie them or remove one")
+    return {"prompt": _text_or_turns(prompt, record, "prompt"), "responses": responses, "ranks": ranks,
+            "_line": record.line}
+
+
+def load_ranked_rows(path_or_name: str | Path, fmt: str = "auto",
+                     columns: dict[str, str] | None = None) -> list[dict]:
+    """Load reward data as `{"prompt", "responses", "ranks", "_line"}` rows from any ranked format."""
+    columns = _checked_columns(columns, RANKED_FORMATS)
+    records = _read_records(path_or_name)
+    adapter = RANKED_ADAPTERS[_resolved_format(fmt, records[0], columns, RANKED_FORMATS)]
+    return [_ranked_row(record, adapter(record, columns)) for record in records]
+
+
+def validate_ranked_file(path: str | Path) -> int:
+    """Check every row of a ranked-answers file (format auto-detected); return the row count."""
+    return len(load_ranked_rows(path))
