@@ -96,7 +96,8 @@ def _cmd_run(args) -> int:
     module, config = _load_stage_config(args.stage, args.config, args.overrides)
     registry = _registry(args)
     run = module.run(config, registry, restart=args.restart)
-    print(json.dumps({"run": run.id, "status": run.status, "model_path": run.model_path}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here; one answer
+        print(json.dumps({"run": run.id, "status": run.status, "model_path": run.model_path}))
     return 0
 
 

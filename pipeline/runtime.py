@@ -43,7 +43,8 @@ def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Acceler
         use_bf16 = torch.cuda.is_available() and not cfg.cpu and torch.cuda.is_bf16_supported()
         precision = "bf16" if use_bf16 else "fp32"
     return Accelerator(
-        cpu=cfg.cpu,
+        # cpu=True also makes accelerate see a torchrun launch on a CPU machine (gloo, MULTI_CPU)
+        cpu=cfg.cpu or not torch.cuda.is_available(),
         mixed_precision="no" if precision == "fp32" else precision,
         log_with=list(cfg.report_to) or None,
         project_dir=str(run_dir / "trackers") if run_dir and cfg.report_to else None,
@@ -144,11 +145,12 @@ class StageRun:
         Old states are pruned to `checkpoint.keep_last` only after the new one is committed.
         """
         rng_states = _gather_rng(self.accelerator)
-        self.accelerator.wait_for_everyone()
+        weights = {name: self.full_state_dict(model) for name, model in models.items()}
         if self.is_main:
             def write(tmp: Path) -> None:
                 for name, model in models.items():
-                    self.accelerator.unwrap_model(model).save_pretrained(tmp / name)
+                    self.accelerator.unwrap_model(model).save_pretrained(
+                        tmp / name, state_dict=weights[name])
                     if tokenizer is not None:
                         tokenizer.save_pretrained(tmp / name)
                 for name, optimizer in optimizers.items():
@@ -162,6 +164,11 @@ class StageRun:
             commit_directory(self.run_dir / "state" / f"step-{step}", write)
             self._prune_states()
         self.accelerator.wait_for_everyone()
+
+    def full_state_dict(self, model) -> dict:
+        """The whole model's weights on the main process; a collective call under FSDP/ZeRO-3."""
+        self.accelerator.wait_for_everyone()
+        return self.accelerator.get_state_dict(model)
 
     def _prune_states(self) -> None:
         keep = self.config.checkpoint.keep_last
@@ -186,11 +193,11 @@ class StageRun:
     # -- finishing ----------------------------------------------------------------------------
     def publish(self, model, tokenizer, summary: dict, extra_writer=None) -> Path | None:
         """Save the final model as a plain HF directory and mark the run completed."""
-        self.accelerator.wait_for_everyone()
+        weights = self.full_state_dict(model)
         final = None
         if self.is_main:
             def write(tmp: Path) -> None:
-                self.accelerator.unwrap_model(model).save_pretrained(tmp)
+                self.accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=weights)
                 tokenizer.save_pretrained(tmp)
                 if extra_writer is not None:
                     extra_writer(tmp)

@@ -102,7 +102,7 @@ def fit(stage_run: StageRun, model, tokenizer, *,
         if (step + 1) % train.log_every == 0 or step + 1 == train.max_steps:
             seen = np.concatenate([idx for idx, _ in micro])
             elapsed = time.perf_counter() - started
-            values = {name: float(v) for name, v in sums.items()}
+            values = mean_over_processes(accelerator, sums)
             values.update(lr=scheduler.get_last_lr()[0], batch_crc=zlib.crc32(seen.tobytes()),
                           step_time=elapsed)
             if tokens:
@@ -121,6 +121,16 @@ def fit(stage_run: StageRun, model, tokenizer, *,
     if final:
         stage_run.log(train.max_steps, final)
     return final
+
+
+def mean_over_processes(accelerator, sums: dict) -> dict[str, float]:
+    """Step metrics averaged over all processes (each saw an equal share of the global batch)."""
+    names = list(sums)
+    local = torch.stack([torch.as_tensor(sums[n], dtype=torch.float32, device=accelerator.device)
+                         for n in names])
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, reduction="mean")
+    return dict(zip(names, local.tolist()))
 
 
 def evaluate(model, eval_fn) -> dict:
