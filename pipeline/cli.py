@@ -322,8 +322,6 @@ def _cmd_data_world(args) -> int:
     from pathlib import Path
 
     from pipeline.world import write_world
-    if not 2 <= args.k <= 9:
-        raise UserError(f"--k must be between 2 and 9, got {args.k}")
     files = write_world(Path(args.out), seed=args.seed, size=args.size, k=args.k)
     for name, path in sorted(files.items()):
         print(f"{name}: {path}")

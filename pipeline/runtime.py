@@ -46,6 +46,7 @@ def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Acceler
         # cpu=True also makes accelerate see a torchrun launch on a CPU machine (gloo, MULTI_CPU)
         cpu=cfg.cpu or not torch.cuda.is_available(),
         mixed_precision="no" if precision == "fp32" else precision,
+        dynamo_backend="inductor" if cfg.compile else "no",
         log_with=list(cfg.report_to) or None,
         project_dir=str(run_dir / "trackers") if run_dir and cfg.report_to else None,
     )
