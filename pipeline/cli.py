@@ -39,11 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error style: one line, exit code 2."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="The InstructGPT recipe: "
-                                     "pretrain → sft → reward → ppo, with one checkpoint registry.")
+    # --home is accepted before or after the command (`rlhf registry ls --home DIR`).
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument("--home", default=argparse.SUPPRESS,
+                      help="registry home (default: $RLHF_HOME or ./runs)")
+    parser = Parser(prog="rlhf", description="The InstructGPT recipe: "
+                    "pretrain → sft → reward → ppo, with one checkpoint registry.")
     parser.add_argument("--home", help="registry home (default: $RLHF_HOME or ./runs)")
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND",
+                                     parser_class=_with_parents(home))
     _add_run(commands)
     _add_config(commands)
     _add_registry(commands)
@@ -52,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline(commands)
     _add_checkpoint_tools(commands)
     return parser
+
+
+def _with_parents(home: argparse.ArgumentParser):
+    """Sub-parsers of every depth get the shared --home option and the one-line error style."""
+    class SubParser(Parser):
+        def __init__(self, *args, **kwargs):
+            kwargs["parents"] = [*kwargs.get("parents", []), home]
+            super().__init__(*args, **kwargs)
+
+        def add_subparsers(self, **kwargs):
+            kwargs.setdefault("parser_class", SubParser)
+            return super().add_subparsers(**kwargs)
+    return SubParser
 
 
 def _lazy(module: str, function: str):
@@ -85,7 +111,7 @@ def _load_stage_config(stage_name: str, config_path: str | None, overrides: list
 def _add_run(commands) -> None:
     run = commands.add_parser("run", help="run one stage", description="Run one stage. Re-running "
                               "the same command resumes an interrupted run or reuses a finished one.")
-    run.add_argument("stage", choices=_stage_names())
+    run.add_argument("stage", help=f"one of: {', '.join(_stage_names())}")
     run.add_argument("--config", help="stage YAML (default: the stage's built-in defaults)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     run.add_argument("--restart", action="store_true", help="start a new run instead of resuming")
@@ -106,7 +132,7 @@ def _add_config(commands) -> None:
     config = commands.add_parser("config", help="show resolved configs")
     sub = config.add_subparsers(title="config commands", metavar="ACTION")
     show = sub.add_parser("show", help="print the resolved config of a stage")
-    show.add_argument("stage", choices=_stage_names())
+    show.add_argument("stage", help=f"one of: {', '.join(_stage_names())}")
     show.add_argument("--config", help="stage YAML")
     show.add_argument("overrides", nargs="*", metavar="key=value")
     show.set_defaults(handler=_cmd_config_show)

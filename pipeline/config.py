@@ -22,7 +22,8 @@ from pipeline.errors import UserError
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are type-checked."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Numbers given for text fields (`model.source=2024`) are read as text, not rejected.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class TrainConfig(Section):
@@ -75,10 +76,24 @@ def load_config(config_cls: type[BaseModel], path: str | Path | None,
                 overrides: list[str] = ()) -> BaseModel:
     """Read `path` (YAML), apply `a.b=value` overrides, and validate into `config_cls`."""
     raw = read_yaml(path) if path is not None else {}
-    source = str(path) if path is not None else "config"
     for item in overrides:
         apply_override(raw, item)
-    return validate(config_cls, raw, source)
+    try:
+        return config_cls.model_validate(raw)
+    except ValidationError as err:
+        error = err.errors()[0]
+        source = _error_source(error, path, overrides)
+        raise UserError(describe_error(config_cls, error, source)) from None
+
+
+def _error_source(error: dict, path, overrides) -> str:
+    """Name the override that caused an error, else the file."""
+    dotted = ".".join(str(part) for part in error["loc"])
+    for item in overrides:
+        key = item.partition("=")[0]
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return f"override '{item}'"
+    return str(path) if path is not None else "config"
 
 
 def read_yaml(path: str | Path) -> dict:

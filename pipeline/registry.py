@@ -14,6 +14,7 @@ a valid manifest is never used. This module imports no torch, so `rlhf registry 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -144,11 +145,24 @@ class Registry:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout = 60000")
-        db.execute("PRAGMA foreign_keys = ON")
-        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            db.execute("PRAGMA journal_mode = WAL")
-        db.executescript(SCHEMA)
+        try:
+            # Reads the file header: a file that is not a database fails before the lock file
+            # below is created beside it.
+            db.execute("PRAGMA schema_version")
+            db.execute("PRAGMA busy_timeout = 60000")
+            db.execute("PRAGMA foreign_keys = ON")
+            # Switching a new database to WAL needs an exclusive lock that SQLite does not wait
+            # for (busy timeout or not), so two processes opening a new registry at once would
+            # fail with "database is locked": the set-up runs under a file lock, one at a time.
+            with open(self.home / ".setup.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    db.execute("PRAGMA journal_mode = WAL")
+                db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            db.close()
+            raise UserError(f"{self.db_path} cannot be used as a registry ({err}); restore it "
+                            f"from a backup or pass --home DIR for another registry") from None
         return db
 
     def close(self) -> None:
@@ -176,7 +190,7 @@ class Registry:
     def create_run(self, stage: str, config: dict, config_hash: str, *, parents: dict[str, Resolved],
                    data_fingerprint: str = "", versions: dict | None = None,
                    pipeline_id: str | None = None) -> Run:
-        run_id = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        run_id = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
         now = time.time()
         with self._write() as db:
             db.execute(
@@ -284,6 +298,10 @@ class Registry:
     def publish(self, run_id: str, write_files, summary: dict | None = None) -> Path:
         """Write the run's model with `write_files(tmp_dir)`, commit it, and mark the run completed."""
         final = self.run_dir(run_id) / "model"
+        if final.exists():
+            # An earlier attempt of this run was killed after committing its model but before
+            # recording it here; nothing references that directory, and the rerun replaces it.
+            shutil.rmtree(final)
         files = commit_directory(final, write_files)
         with self._write() as db:
             db.execute("UPDATE runs SET model_path = ?, files_json = ?, status = 'completed',"
@@ -299,10 +317,12 @@ class Registry:
             raise UserError("empty or invalid reference; use a run id, STAGE:latest, an alias or a path")
         step_match = _STEP_RE.match(ref)
         if step_match:
-            base = self.resolve(step_match.group(1))
-            if base.run is None:
-                raise UserError(f"'{ref}': @step works only on registry runs")
-            return self._state_ref(base.run, int(step_match.group(2)))
+            # The run need not be completed: REF@step is how one reaches an interrupted run's states.
+            run = self.lookup(step_match.group(1))
+            if run is None:
+                raise UserError(f"'{ref}': @step works only on registry runs (a run id, "
+                                f"STAGE:latest or an alias); see `rlhf registry ls`")
+            return self._state_ref(run, int(step_match.group(2)))
         run = self.lookup(ref)
         if run is not None:
             if run.status != "completed" or not run.model_path:
@@ -449,6 +469,10 @@ def commit_directory(final: Path, write_files) -> dict[str, str]:
     crash mid-commit) it is replaced; a committed `final` is never overwritten.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A process killed mid-commit leaves its temporary directory behind; one writer owns `final`
+    # (its run, or the data lock), so any older temporary sibling of it is such debris.
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()
