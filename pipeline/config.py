@@ -8,13 +8,15 @@ time with the closest valid key suggested. `load_config(StageConfig, "configs/ti
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 
@@ -52,6 +54,20 @@ class RuntimeConfig(Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     trust_remote_code: bool = Field(False, description="allow code shipped in model directories")
+
+    @model_validator(mode="after")
+    def _warn_on_remote_code(self) -> "RuntimeConfig":
+        # Said as the config is read: the first tokenizer or model loaded may run that code.
+        if self.trust_remote_code:
+            remote_code_warning()
+        return self
+
+
+@functools.cache
+def remote_code_warning() -> None:
+    """Print the remote-code warning (once per process)."""
+    print("warning: runtime.trust_remote_code is true: code shipped in the model directory "
+          "will run", file=sys.stderr)
 
 
 class LoraConfig(Section):

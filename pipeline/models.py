@@ -8,11 +8,10 @@ manifest before loading. LoRA adapters (peft) are applied and loaded here too.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
-from pipeline.config import LoraConfig
+from pipeline.config import LoraConfig, remote_code_warning
 from pipeline.errors import UserError
 from pipeline.registry import MANIFEST, Resolved, require_intact
 
@@ -103,8 +102,7 @@ def merge_adapter(model):
 
 def warn_remote_code(trust_remote_code: bool) -> None:
     if trust_remote_code:
-        print("warning: runtime.trust_remote_code is true: code shipped in the model directory "
-              "will run", file=sys.stderr)
+        remote_code_warning()
 
 
 def _set_generation_ids(model, tokenizer) -> None:

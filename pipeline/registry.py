@@ -32,7 +32,7 @@ from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
 STATUSES = ("running", "completed", "failed", "interrupted")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: `$` would allow a final "\n"
 _STEP_RE = re.compile(r"^(.+)@(\d+)$")
 
 SCHEMA = """
@@ -468,13 +468,13 @@ def commit_directory(final: Path, write_files) -> dict[str, str]:
     Returns the manifest's {relative path: sha256}. If `final` exists without a valid manifest (a
     crash mid-commit) it is replaced; a committed `final` is never overwritten.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # A process killed mid-commit leaves its temporary directory behind; one writer owns `final`
-    # (its run, or the data lock), so any older temporary sibling of it is such debris.
-    for stale in final.parent.glob(f".tmp-{final.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(4)}"
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # A process killed mid-commit leaves its temporary directory behind; one writer owns
+        # `final` (its run, or the data lock), so any older temporary sibling of it is debris.
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         write_files(tmp)
         _fsync_tree(tmp)
@@ -483,13 +483,17 @@ def commit_directory(final: Path, write_files) -> dict[str, str]:
                 raise UserError(f"{final} is already committed; refusing to overwrite it")
             shutil.rmtree(final)
         os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        files = {str(p.relative_to(final)): sha256_file(p)
+                 for p in sorted(final.rglob("*")) if p.is_file()}
+        write_manifest(final, files)
+    except OSError as err:  # a full or read-only disk: the previous checkpoints stay usable
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {final}: {err.strerror or err}; free space on that disk or "
+                        f"make it writable, then run the same command again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(final.parent)
-    files = {str(p.relative_to(final)): sha256_file(p)
-             for p in sorted(final.rglob("*")) if p.is_file()}
-    write_manifest(final, files)
     return files
 
 

@@ -174,7 +174,11 @@ class StageRun:
     def _prune_states(self) -> None:
         keep = self.config.checkpoint.keep_last
         for _, path in list_states(self.run_dir)[keep:]:
-            shutil.rmtree(path, ignore_errors=True)
+            # Renamed first: a kill halfway through the delete leaves `.tmp-` debris (cleared
+            # when the run resumes), never a partial step-N that `registry verify` would report.
+            trash = path.with_name(f".tmp-pruned-{path.name}")
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def load_state(self, optimizers: dict[str, Any], schedulers: dict[str, Any]) -> dict:
         """Restore optimizers, schedulers and RNG from the resume point; returns its `extra`."""
@@ -222,6 +226,7 @@ def _decide(stage, config, digest, registry, parents, data_fingerprint, restart,
               f"--restart trains again)", file=sys.stderr)
         return [previous.id, None, True]
     if previous is not None:
+        clear_debris(registry.run_dir(previous.id))
         resume = newest_intact_state(registry, previous)
         registry.claim(previous.id)
         registry.truncate_metrics(previous.id, resume.step if resume else -1)
@@ -233,6 +238,12 @@ def _decide(stage, config, digest, registry, parents, data_fingerprint, restart,
                               pipeline_id=pipeline_id)
     print(f"{stage}: new run {run.id}", file=sys.stderr)
     return [run.id, None, False]
+
+
+def clear_debris(run_dir: Path) -> None:
+    """Remove what a killed process left half-written or half-deleted: `state/.tmp-*`."""
+    for debris in (run_dir / "state").glob(".tmp-*"):
+        shutil.rmtree(debris, ignore_errors=True)
 
 
 def newest_intact_state(registry: Registry, run: Run) -> ResumePoint | None:

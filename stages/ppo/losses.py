@@ -14,6 +14,8 @@ Conventions follow InstructGPT (Ouyang et al. 2022) and "The N+ Implementation D
 PPO" (Huang et al. 2024); where this module differs from the latter, the docstring says so.
 """
 
+from typing import Callable
+
 import torch
 
 # Added to the variance before whitening so that a constant batch does not divide by zero.
@@ -87,18 +89,50 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return variance * count / (count - 1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Normalize x to unit variance over the masked positions of the whole batch: (B, T) -> (B, T).
 
     shift_mean=True also centres it on 0 (used for advantages). shift_mean=False keeps the original
     mean (used for rewards, so whitening does not turn every reward negative or positive). The
     variance is the unbiased one, as in the N+ implementation; masked positions come out as 0.
+
+    When the batch is split across processes, pass `sum_over_processes` (a function returning the
+    element-wise sum of a tensor over every process, e.g. `lambda t: accelerator.reduce(t, "sum")`):
+    the mean and variance are then those of all processes' valid positions together, so every
+    process whitens with the same statistics, as if the whole batch were on one.
     """
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + WHITEN_EPS)
+    if sum_over_processes is None:
+        mean, variance = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        mean, variance = _global_masked_mean_var(x, mask, sum_over_processes)
+    whitened = (x - mean) * torch.rsqrt(variance + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask.to(x.dtype)
+
+
+def _global_masked_mean_var(
+    x: torch.Tensor, mask: torch.Tensor, sum_over_processes: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of x over the valid positions of every process (0-dim each).
+
+    Two passes, as `masked_var` does on one process: the global mean first, then the summed squared
+    deviations from it, which stays accurate where a sum-of-squares shortcut would cancel.
+    """
+    mask = mask.to(x.dtype)
+    total, count = sum_over_processes(torch.stack([(x * mask).sum(), mask.sum()]))
+    if count < 2:
+        raise ValueError(
+            f"unbiased masked variance needs at least 2 valid positions, got {int(count)}"
+        )
+    mean = total / count
+    squared_deviations = sum_over_processes(((x - mean).pow(2) * mask).sum())
+    return mean, squared_deviations / (count - 1)
 
 
 # ---------------------------------------------------------------------------------------------

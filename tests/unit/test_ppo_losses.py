@@ -273,3 +273,45 @@ def test_kl_controllers_round_trip_state():
     assert fixed.value == 0.02
     fixed.load_state_dict({"kl_coef": 0.05})
     assert fixed.state_dict() == {"kl_coef": 0.05}
+
+
+# --- whitening across processes ------------------------------------------------------------
+
+
+def test_masked_whiten_across_processes_matches_one_batch():
+    # Two processes hold [1, 3 | pad] and [5, 7 | 9]: together the valid values 1, 3, 5, 7, 9 have
+    # mean 5 and unbiased variance (16 + 4 + 0 + 4 + 16) / 4 = 10, so each whitens to (v − 5) / √10.
+    import threading
+
+    shards = [(t([[1.0, 3.0, 0.0]]), torch.tensor([[1, 1, 0]])),
+              (t([[5.0, 7.0, 9.0]]), torch.tensor([[1, 1, 1]]))]
+    barrier = threading.Barrier(len(shards))
+    posted: list = [None] * len(shards)
+
+    def sum_over_processes(rank: int):
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            posted[rank] = tensor
+            barrier.wait()  # every process has posted its part
+            total = sum(posted)
+            barrier.wait()  # every process has read the total before the next call overwrites it
+            return total
+        return reduce
+
+    results: list = [None] * len(shards)
+
+    def whiten(rank: int) -> None:
+        x, mask = shards[rank]
+        results[rank] = masked_whiten(x, mask, sum_over_processes=sum_over_processes(rank))
+
+    threads = [threading.Thread(target=whiten, args=(rank,)) for rank in range(len(shards))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    root10 = math.sqrt(10.0)
+    assert results[0].tolist() == [pytest.approx([-4 / root10, -2 / root10, 0.0])]
+    assert results[1].tolist() == [pytest.approx([0.0, 2 / root10, 4 / root10])]
+    # A single process passing the identity is the plain whitening of its batch.
+    x, mask = t([[1.0, 3.0, 5.0, 100.0]]), torch.tensor([[1, 1, 1, 0]])
+    single = masked_whiten(x, mask, sum_over_processes=lambda tensor: tensor)
+    assert single.tolist() == [pytest.approx([-1.0, 0.0, 1.0, 0.0])]

@@ -1,0 +1,457 @@
+"""The pipeline: run pretrain → sft → reward → ppo in order, each reading its inputs from the
+registry, and resume interrupted work.
+
+    rlhf pipeline run configs/tiny/pipeline.yaml [sft.train.max_steps=50 ...] [--from|--only STAGE]
+    rlhf resume [RUN]
+
+A pipeline YAML names, per stage, a config file and overrides, plus an optional `seed` (given to
+every stage) and `start` (a model reference to begin from instead of pretraining):
+
+    seed: 0
+    start: null
+    stages:
+      pretrain: {config: configs/tiny/pretrain.yaml}
+      sft: {config: configs/tiny/sft.yaml, overrides: {train.max_steps: 200}}
+
+On the command line `STAGE.KEY=VALUE` overrides a stage's config (`sft.train.lr=1e-4`) and any
+other `KEY=VALUE` the pipeline's own keys (`start=pretrain:latest`, `stages.sft.config=my.yaml`).
+
+Each stage gets the exact runs of this pipeline as its parents, so a stage whose config, parents
+and data match a completed run is reused rather than trained again, and one that was interrupted
+resumes from its last committed state: running the same command again continues where it stopped.
+The pipeline itself is a registry run (stage "pipeline") whose summary lists its stage runs; its
+stage runs point back to it through `pipeline_id`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, create_model
+
+from pipeline.config import (Section, StageConfig, apply_override, config_hash, read_yaml, to_dict,
+                             validate)
+from pipeline.errors import UserError
+from pipeline.registry import Registry, Resolved, Run, default_home
+from stages import STAGES
+
+PIPELINE_STAGE = "pipeline"
+
+# Who feeds whom: each stage's parent roles and the upstream stage that fills each role.
+ROLES: dict[str, dict[str, str]] = {
+    "pretrain": {},
+    "sft": {"model": "pretrain"},
+    "reward": {"model": "sft"},
+    "ppo": {"policy": "sft", "reward": "reward"},
+}
+
+
+class StageEntry(Section):
+    """One stage of a pipeline: its YAML and the overrides applied on top of it."""
+
+    config: str | None = Field(None, description="the stage's YAML (default: its built-in "
+                                                 "defaults)")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dotted keys (train.max_steps: 50) or nested mappings applied over `config`")
+
+
+StagesSection = create_model(
+    "StagesSection", __base__=Section,
+    **{name: (StageEntry, Field(default_factory=StageEntry)) for name in STAGES})
+
+
+class PipelineConfig(Section):
+    seed: int | None = Field(None, description="when set, the seed of every stage")
+    start: str | None = Field(None, description="begin from this model (run id, STAGE:latest, "
+                                                "alias, directory or hub name) instead of "
+                                                "pretraining")
+    stages: StagesSection = Field(default_factory=StagesSection)
+
+
+@dataclass
+class Plan:
+    """What one pipeline execution does: the resolved config of every stage in the chain, in
+    order, and which of them to run (the others come from the registry)."""
+
+    configs: dict[str, StageConfig]
+    selected: list[str]
+    start: str | None = None
+
+    def as_config(self) -> dict:
+        return {"start": self.start, "selected": self.selected,
+                "stages": {name: to_dict(config) for name, config in self.configs.items()}}
+
+    def digest(self) -> str:
+        """Same stage configs (checkpoint cadence aside), start and selection → same pipeline."""
+        data = {"start": self.start, "selected": self.selected,
+                "stages": {name: config_hash(config) for name, config in self.configs.items()}}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- building a plan ------------------------------------------------------------------------------
+def expand_dotted(mapping: dict) -> dict:
+    """Nested form of a mapping whose keys may be dotted: {"train.lr": 1} → {"train": {"lr": 1}}.
+
+    Keys are laid over each other in order, so a later key wins where two spell the same path.
+    """
+    nested: dict = {}
+    for key, value in mapping.items():
+        value = expand_dotted(value) if isinstance(value, dict) else value
+        for part in reversed(str(key).split(".")):
+            value = {part: value}
+        nested = deep_merge(nested, value)
+    return nested
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """`base` with `extra` laid over it: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Command-line overrides → (pipeline-level items, {stage: its items without the prefix})."""
+    pipeline_items: list[str] = []
+    per_stage: dict[str, list[str]] = {}
+    pipeline_keys = list(PipelineConfig.model_fields)
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        head, dot, _ = key.partition(".")
+        if not sep or not key:
+            raise UserError(f"override '{item}' is not of the form key=value "
+                            f"(e.g. sft.train.max_steps=50)")
+        if head in STAGES and dot:
+            per_stage.setdefault(head, []).append(item[len(head) + 1:])
+        elif head in pipeline_keys:
+            pipeline_items.append(item)
+        else:
+            close = difflib.get_close_matches(head, [*STAGES, *pipeline_keys], n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else \
+                f"start with a stage ({', '.join(STAGES)}) or a pipeline key " \
+                f"({', '.join(pipeline_keys)})"
+            raise UserError(f"override '{item}': '{head}' is neither a stage nor a pipeline key; "
+                            f"{hint}")
+    return pipeline_items, per_stage
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str]) -> tuple[PipelineConfig, dict]:
+    """The validated pipeline YAML with its pipeline-level overrides, and the per-stage ones."""
+    raw = read_yaml(path)
+    pipeline_items, per_stage = split_overrides(overrides)
+    for item in pipeline_items:
+        apply_override(raw, item)
+    return validate(PipelineConfig, raw, str(path)), per_stage
+
+
+def stage_config(name: str, entry: StageEntry, seed: int | None, extra: list[str],
+                 source: str) -> StageConfig:
+    """One stage's config: its YAML, then the pipeline seed, its overrides, then the command
+    line's."""
+    where = f"{source} (stages.{name})"
+    try:
+        raw = read_yaml(entry.config) if entry.config else {}
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+    if seed is not None:
+        raw["seed"] = seed
+    layered = expand_dotted(entry.overrides)
+    for item in extra:
+        apply_override(layered, item)
+    return validate(STAGES[name].load().Config, deep_merge(raw, layered), where)
+
+
+def chain_stages(start: str | None) -> list[str]:
+    """The stages a pipeline goes through: all of them, or all but pretraining given a start."""
+    return [name for name in STAGES if not (start and name == "pretrain")]
+
+
+def select_stages(chain: list[str], from_stage: str | None, only: str | None) -> list[str]:
+    """The stages to run: all of `chain`, those from `from_stage` on, or `only` alone."""
+    if from_stage and only:
+        raise UserError("--from and --only cannot be combined; pick one")
+    wanted = from_stage or only
+    if wanted is None:
+        return list(chain)
+    option = "--from" if from_stage else "--only"
+    if wanted not in chain:
+        if wanted in STAGES:
+            raise UserError(f"{option} {wanted}: the pipeline has a start model, so it begins at "
+                            f"{chain[0]}; remove start or choose one of {', '.join(chain)}")
+        close = difflib.get_close_matches(wanted, chain, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(chain)}"
+        raise UserError(f"{option} {wanted}: no such stage; {hint}")
+    index = chain.index(wanted)
+    return chain[index:] if from_stage else [wanted]
+
+
+def reached(chain: list[str], selected: list[str]) -> list[str]:
+    """The stages an execution goes through: up to the last selected one (later ones are idle)."""
+    return chain[: chain.index(selected[-1]) + 1]
+
+
+def plan_from_yaml(path: str | Path, overrides: list[str], from_stage: str | None = None,
+                   only: str | None = None) -> Plan:
+    """Validate the pipeline YAML and every stage config it names (nothing is registered yet)."""
+    pipeline_config, per_stage = load_pipeline_config(path, overrides)
+    chain = chain_stages(pipeline_config.start)
+    selected = select_stages(chain, from_stage, only)
+    configs = {name: stage_config(name, getattr(pipeline_config.stages, name),
+                                  pipeline_config.seed, per_stage.get(name, []), str(path))
+               for name in reached(chain, selected)}
+    unused = sorted(set(per_stage) - set(configs))
+    if unused:
+        say(f"note: the overrides for {', '.join(unused)} are not used: this execution stops at "
+            f"{selected[-1]}")
+    return Plan(configs, selected, pipeline_config.start)
+
+
+def plan_from_run(run: Run) -> Plan:
+    """The plan a pipeline run was started with, from its stored resolved config."""
+    stored = run.config
+    configs = {name: validate(STAGES[name].load().Config, config, f"run {run.id} (stages.{name})")
+               for name, config in stored["stages"].items()}
+    return Plan(configs, list(stored["selected"]), stored.get("start"))
+
+
+# -- executing a plan -----------------------------------------------------------------------------
+def is_main_process() -> bool:
+    """Under torchrun / accelerate launch every process runs the chain; one writes the records."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def say(message: str) -> None:
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+def execute(plan: Plan, registry: Registry, *, restart: bool = False) -> Run | None:
+    """Run the plan's stages in order; returns the pipeline run (None on non-main processes).
+
+    The stages before the selected ones come from the registry, and are looked up before the
+    pipeline is registered: a missing one leaves no trace.
+    """
+    start = registry.resolve(plan.start) if plan.start else None
+    if start is not None:  # `pretrain:latest` today and tomorrow may differ: record which it was
+        plan = replace(plan, start=reference_of(start))
+    outputs: dict[str, Resolved] = {"pretrain": start} if start else {}
+    record: dict[str, dict] = {}
+
+    def done(name: str, run: Run, how: str, started: float) -> None:
+        outputs[name] = Resolved(run.model_path, run)
+        record[name] = {"run": run.id, "how": how, "seconds": round(time.time() - started, 2)}
+
+    names = reached(list(plan.configs), plan.selected)
+    for name in names[: names.index(plan.selected[0])]:
+        done(name, from_registry(name, plan.configs[name], registry, parents_of(name, outputs)),
+             "registry", time.time())
+    pipeline = open_pipeline_run(registry, plan, start, restart) if is_main_process() else None
+    try:
+        for name in plan.selected:
+            started = time.time()
+            run, how = run_stage(name, plan.configs[name], registry, parents_of(name, outputs),
+                                 restart, pipeline.id if pipeline else None)
+            done(name, run, how, started)
+            if pipeline:
+                registry.update_summary(pipeline.id, {"stages": record})
+    except BaseException as err:
+        if pipeline:
+            registry.set_status(pipeline.id, "interrupted" if isinstance(err, KeyboardInterrupt)
+                                else "failed")
+        raise
+    if pipeline is None:
+        return None
+    final = outputs[plan.selected[-1]]
+    registry.set_status(pipeline.id, "completed", summary={
+        "stages": record, "final_run": final.run.id, "model_path": final.path})
+    return registry.get(pipeline.id)
+
+
+def parents_of(name: str, outputs: dict[str, Resolved]) -> dict[str, Resolved]:
+    """A stage's parents: the upstream outputs of this pipeline, by role."""
+    return {role: outputs[upstream] for role, upstream in ROLES[name].items()}
+
+
+def reference_of(resolved: Resolved) -> str:
+    """A reference that keeps naming the same model: the run id (and step), or the path."""
+    if resolved.run is None:
+        return resolved.path
+    return resolved.run.id + (f"@{resolved.step}" if resolved.step is not None else "")
+
+
+def open_pipeline_run(registry: Registry, plan: Plan, start: Resolved | None,
+                      restart: bool) -> Run:
+    """The pipeline's registry run: the unfinished or finished one with this plan, or a new one."""
+    parents = {"start": start} if start else {}
+    digest = plan.digest()
+    previous = None if restart else registry.find_matching(PIPELINE_STAGE, digest, "", parents)
+    if previous is not None:
+        registry.claim(previous.id)
+        verb = "rerunning finished" if previous.status == "completed" else "continuing"
+        say(f"pipeline: {verb} {previous.id} (stages: {', '.join(plan.selected)})")
+        return registry.get(previous.id)
+    run = registry.create_run(PIPELINE_STAGE, plan.as_config(), digest, parents=parents)
+    say(f"pipeline: new run {run.id} (stages: {', '.join(plan.selected)})")
+    return run
+
+
+def run_stage(name: str, config: StageConfig, registry: Registry, parents: dict[str, Resolved],
+              restart: bool, pipeline_id: str | None) -> tuple[Run, str]:
+    """Run one stage with the given parents; says whether it was new, resumed or reused."""
+    before = {run.id: run.status for run in registry.runs(name)}
+    say(f"== {name} ==")
+    run = STAGES[name].load().run(config, registry, restart=restart, pipeline_id=pipeline_id,
+                                  parents=parents)
+    if run.id not in before:
+        return run, "new"
+    return run, "reused" if before[run.id] == "completed" else "resumed"
+
+
+def from_registry(name: str, config: StageConfig, registry: Registry,
+                  parents: dict[str, Resolved]) -> Run:
+    """A stage that is not run: the newest completed run with this config and these parents,
+    else `STAGE:latest`."""
+    digest = config_hash(config)
+    wanted = {role: parent.run.id if parent.run else parent.path
+              for role, parent in parents.items()}
+    for run in reversed(registry.runs(name)):
+        have = {role: run.parent_runs.get(role, ref) for role, ref in run.parents.items()}
+        if run.status == "completed" and run.config_hash == digest and have == wanted:
+            say(f"{name}: using {run.id} from the registry (same config and parents)")
+            return run
+    latest = registry.lookup(f"{name}:latest")
+    if latest is None:
+        raise UserError(f"{name} is not run in this pipeline and the registry at "
+                        f"{registry.home} has no completed {name} run; run the pipeline without "
+                        f"--from/--only first")
+    say(f"{name}: no run matches this pipeline's {name} config and parents; using "
+        f"{name}:latest ({latest.id})")
+    return latest
+
+
+# -- what a pipeline produced ---------------------------------------------------------------------
+def stage_runs(registry: Registry, run: Run) -> dict[str, Run]:
+    """The stage runs behind a run, by stage, in pipeline order: a pipeline's own stages, or a
+    stage run and its registry ancestors."""
+    if run.stage == PIPELINE_STAGE:
+        found = {name: registry.get(entry["run"])
+                 for name, entry in run.summary.get("stages", {}).items()}
+    else:
+        found = {}
+        pending = [run]
+        while pending:
+            current = pending.pop()
+            found.setdefault(current.stage, current)
+            pending += [registry.get(parent) for parent in current.parent_runs.values()]
+    return {name: found[name] for name in STAGES if name in found}
+
+
+def resolve_model(registry: Registry | None, ref: str) -> Resolved:
+    """A model reference as `Registry.resolve` reads it; a pipeline run means its final model."""
+    if registry is None:  # no runs yet: only a directory or a hub name can mean a model
+        if Path(ref).is_dir():
+            return Resolved(str(Path(ref).resolve()))
+        if "/" in ref and not ref.startswith((".", "/")) and not Path(ref).exists():
+            return Resolved(ref)
+        raise UserError(f"'{ref}' is not a model directory and there is no registry to look it "
+                        f"up in; pass --home DIR or a model directory")
+    run = registry.lookup(ref)
+    if run is not None and run.stage == PIPELINE_STAGE:
+        final = run.summary.get("final_run")
+        if not final:
+            raise UserError(f"pipeline {run.id} has not finished (status {run.status}); "
+                            f"`rlhf resume {run.id}` continues it")
+        return registry.resolve(final)
+    return registry.resolve(ref)
+
+
+def open_registry(home: str | None) -> Registry | None:
+    """The registry at `home` if one exists there (reading a plain directory needs none)."""
+    path = Path(home) if home else default_home()
+    return Registry(path, create=False) if (path / "registry.db").exists() else None
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_pipeline_run(args) -> int:
+    plan = plan_from_yaml(args.config, args.overrides, args.from_stage, args.only)
+    # Starting past the first stage reads earlier ones from an existing registry: create none.
+    registry = Registry(args.home, create=plan.selected[0] == next(iter(plan.configs)))
+    pipeline = execute(plan, registry, restart=args.restart)
+    if pipeline is not None:
+        print_outcome(pipeline)
+    return 0
+
+
+def print_outcome(pipeline: Run) -> None:
+    """A line per stage on stderr, and the pipeline's result as one JSON line on stdout."""
+    stages = pipeline.summary["stages"]
+    for name, entry in stages.items():
+        say(f"{name:<9} {entry['how']:<8} {entry['run']}  ({entry['seconds']:.0f} s)")
+    print(json.dumps({"run": pipeline.id, "status": pipeline.status, "stages": stages,
+                      "final_run": pipeline.summary["final_run"],
+                      "model_path": pipeline.summary["model_path"]}))
+
+
+def cmd_resume(args) -> int:
+    registry = Registry(args.home, create=False)
+    target = registry.lookup(args.run) if args.run else most_recent_unfinished(registry)
+    if args.run and target is None:
+        raise UserError(f"no run '{args.run}' in the registry at {registry.home}; "
+                        f"see `rlhf registry ls`")
+    if target is None:
+        print(f"nothing to resume: no interrupted or failed run in {registry.home}")
+        return 0
+    if target.status == "completed":
+        print(f"{target.id} is already completed; nothing to resume")
+        return 0
+    if target.status == "running":
+        raise UserError(f"{target.id} is still running (process {target.pid} on {target.host}); "
+                        f"wait for it or stop it first")
+    say(f"resuming {target.id} ({target.stage}, {target.status})")
+    if target.stage == PIPELINE_STAGE:
+        pipeline = execute(plan_from_run(target), registry)
+        if pipeline is not None:
+            print_outcome(pipeline)
+        return 0
+    run = resume_stage_run(registry, target)
+    if is_main_process():
+        print(json.dumps({"run": run.id, "status": run.status, "model_path": run.model_path}))
+    return 0
+
+
+def most_recent_unfinished(registry: Registry) -> Run | None:
+    """The most recently active interrupted or failed run; a stage run that belongs to an
+    unfinished pipeline stands for that pipeline (resuming it also runs the later stages)."""
+    unfinished = [run for run in registry.runs() if run.status in ("interrupted", "failed")]
+    if not unfinished:
+        return None
+    newest = max(unfinished, key=lambda run: run.updated_at)
+    if newest.pipeline_id:
+        pipeline = registry.lookup(newest.pipeline_id)
+        if pipeline is not None and pipeline.status in ("interrupted", "failed"):
+            return pipeline
+    return newest
+
+
+def resume_stage_run(registry: Registry, run: Run) -> Run:
+    """Run a stage again with the stored config and the same parents: it continues `run`."""
+    module = STAGES[run.stage].load()
+    config = validate(module.Config, run.config, f"run {run.id}")
+    parents = {role: registry.resolve(ref) for role, ref in run.parents.items()}
+    result = module.run(config, registry, parents=parents, pipeline_id=run.pipeline_id)
+    if result.id != run.id:
+        say(f"{run.id} could not be continued (its data changed since); started {result.id}")
+    return result

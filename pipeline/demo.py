@@ -1,0 +1,63 @@
+"""`make demo`: the whole tiny pipeline on the embedded world, then its report card, the gold score
+after each stage, and a short conversation with the final model.
+
+    python -m pipeline.demo [sft.train.max_steps=50 ...]     (registry home: ./runs or $RLHF_HOME)
+
+It runs `configs/tiny/pipeline.yaml` exactly as `rlhf pipeline run` does, so running it again
+reuses every finished stage, and an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from pipeline.errors import EXIT_USER_ERROR, UserError
+
+PIPELINE_YAML = "configs/tiny/pipeline.yaml"
+CONVERSATION = ("How many legs do three chickens have?", "What sound does a cow make?")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return demo(sys.argv[1:] if argv is None else argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def demo(overrides: list[str]) -> int:
+    from pipeline.chain import execute, plan_from_yaml, resolve_model
+    from pipeline.chat import Conversation, load_for_sampling
+    from pipeline.generation import SamplingConfig
+    from pipeline.registry import Registry
+    from pipeline.report import number_text, write_report
+
+    started = time.time()
+    plan = plan_from_yaml(PIPELINE_YAML, overrides)
+    registry = Registry()
+    pipeline = execute(plan, registry)
+    trained = time.time() - started
+    report = write_report(registry, pipeline, registry.home / "reports" / pipeline.id)
+
+    print(f"\npipeline {pipeline.id}: {trained:.0f} s of training, "
+          f"{time.time() - started:.0f} s with the report")
+    print(f"report: {report.markdown}\n        {report.html}")
+    print("\ngold score after each stage (greedy answers to held-out prompts, 0 to 1):")
+    for name, gold in report.data.get("gold", {}).items():
+        print(f"  {name:<9} {number_text(gold['mean_gold_score'])}   count accuracy "
+              f"{number_text(gold['count_accuracy'])}   format adherence "
+              f"{number_text(gold['format_adherence'])}")
+
+    print(f"\na conversation with the final model ({pipeline.summary['final_run']}):")
+    model, tokenizer = load_for_sampling(resolve_model(registry, pipeline.id))
+    conversation = Conversation(model, tokenizer, SamplingConfig(max_new_tokens=48, temperature=0))
+    for question in CONVERSATION:
+        print(f"  you> {question}")
+        print(f"  assistant> {conversation.reply(question)}")
+    print(f"\ntalk to it yourself: .venv/bin/rlhf chat {pipeline.id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""`rlhf export REF OUT [--merge]`: write a checkpoint as a plain Hugging Face directory.
+
+    rlhf export sft:latest exported/ --merge
+
+The checkpoint is verified against its manifest first. Without --merge its files are copied as
+they are (a LoRA checkpoint stays an adapter that names its base). With --merge a LoRA adapter is
+folded into its base model's weights, so OUT loads with `AutoModelForCausalLM.from_pretrained(OUT)`
+and no peft; a full model has nothing to merge and is copied. OUT is written like every registry
+directory (temporary sibling, rename, manifest last), so it is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.registry import MANIFEST, Registry, Resolved, commit_directory
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def cmd_export(args) -> int:
+    from pipeline.models import checked_path
+
+    resolved = Registry(args.home).resolve(args.ref)
+    if not resolved.is_local:
+        raise UserError(f"'{args.ref}' is not a local checkpoint; export a registry run or a "
+                        "model directory")
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose a new output directory")
+    source = Path(checked_path(resolved))
+    is_adapter = (source / ADAPTER_CONFIG).is_file()
+    if args.merge and not is_adapter:
+        print(f"{args.ref} is a full model, not a LoRA adapter: nothing to merge, copying it",
+              file=sys.stderr)
+    if args.merge and is_adapter:
+        commit_directory(out, lambda tmp: write_merged(resolved, tmp))
+    else:
+        commit_directory(out, lambda tmp: shutil.copytree(
+            source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST)))
+    note = describe_adapter(source, args.merge) if is_adapter else ""
+    print(f"exported {args.ref} → {out}{note}")
+    return 0
+
+
+def describe_adapter(source: Path, merged: bool) -> str:
+    if merged:
+        return " (LoRA adapter merged into its base)"
+    base = json.loads((source / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    return f" (a LoRA adapter on {base}; --merge writes a full model)"
+
+
+def write_merged(resolved: Resolved, directory: Path) -> None:
+    """The adapter folded into its base: a full model plus the checkpoint's tokenizer."""
+    from pipeline.models import load_causal_lm, merge_adapter
+    from pipeline.tokenizer import load_tokenizer
+
+    model = merge_adapter(load_causal_lm(resolved, trainable_adapter=False))
+    model.save_pretrained(directory)
+    load_tokenizer(resolved.path).save_pretrained(directory)

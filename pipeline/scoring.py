@@ -1,0 +1,431 @@
+"""Reward models: how they are built, loaded and asked for scores, and `rlhf score`.
+
+    rlhf score reward:latest --prompt "Three chickens have how many legs?" \\
+        --response "Six legs." --response "Seven."
+    rlhf score reward:latest --data reward_data/eval.jsonl [--worst 5] [--plot scores.png] [--json]
+
+A reward model here is a `AutoModelForSequenceClassification` with one label whose score is read at
+the last token of `prompt + answer` as `pipeline.tokenizer.encode_prompt_response` encodes it: the
+EOS that ends the answer. Batches are right-padded with the model's `config.pad_token_id`, and
+transformers reads the score at the last token that is not padding, so the pad token must differ
+from the EOS: `reward_tokenizer` gives a tokenizer whose pad is its EOS a pad token of its own.
+
+The reward stage publishes a plain Hugging Face directory plus `reward_model.json`, which marks it as
+a reward model and holds the normalization shift (the mean raw score of the SFT answers) and the
+held-out metrics. transformers' `LlamaForSequenceClassification` has a score head without a bias and
+no setting to add one, so plain `from_pretrained` returns raw scores; `load_reward_model` adds the
+bias −shift to the head, and every caller in this project scores with normalized values.
+
+PPO, `rlhf chat --reward` and the report use `load_reward_model` and `score_texts`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.registry import Resolved
+
+REWARD_MARKER = "reward_model.json"
+MARKER_KIND = "reward_model"
+
+
+# -- building and loading ------------------------------------------------------------------------
+def reward_tokenizer(path: str, trust_remote_code: bool = False):
+    """The parent's tokenizer, with a pad token distinct from its EOS.
+
+    transformers reads a sequence's score at its last token that is not `pad_token_id`; with
+    pad == EOS that would be the token before the EOS. A new `<|pad|>` is added in that case (the
+    model's embedding grows by one row, see `build_reward_model`); it never occurs in text.
+    """
+    from pipeline.tokenizer import PAD_TOKEN, load_tokenizer
+
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
+def build_reward_model(parent: Resolved, tokenizer, seed: int, trust_remote_code: bool = False):
+    """A one-label sequence classifier with the parent causal LM's backbone and a new score head.
+
+    The parent may be a full model or a LoRA adapter (merged first). The head is initialized from
+    `seed`. Dropout is switched off; the embedding grows to `len(tokenizer)` when needed.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.models import load_causal_lm, merge_adapter
+
+    causal_lm = merge_adapter(load_causal_lm(parent, trust_remote_code=trust_remote_code,
+                                             trainable_adapter=False))
+    config = causal_lm.config
+    config.num_labels = 1
+    zero_dropout(config)
+    torch.manual_seed(seed)
+    reward_model = AutoModelForSequenceClassification.from_config(
+        config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    backbone(reward_model).load_state_dict(backbone(causal_lm).state_dict())
+    if len(tokenizer) > reward_model.get_input_embeddings().num_embeddings:
+        reward_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    reward_model.config.pad_token_id = tokenizer.pad_token_id
+    return reward_model
+
+
+def backbone(model):
+    """The transformer body under a task head (`model.model` for Llama)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def zero_dropout(config) -> None:
+    """Set every dropout probability of a model config to 0 (before the model is built, since
+    attention modules copy theirs at construction)."""
+    for name, value in config.to_dict().items():
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+
+
+def load_reward_model(resolved: Resolved, trust_remote_code: bool = False):
+    """(model, tokenizer) of a reward checkpoint, in eval mode, scoring normalized values.
+
+    Accepts a directory this project published (with `reward_model.json`) and any plain one-label
+    sequence-classification checkpoint (no shift; it is scored with its own pad token, as it was
+    trained). Anything else is refused: a causal LM is not a reward model.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from pipeline.models import checked_path, warn_remote_code
+    from pipeline.tokenizer import load_tokenizer
+
+    path = checked_path(resolved)
+    marker = read_marker(path)
+    warn_remote_code(trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a reward model from {path}: {first_line(err)}") from None
+    if marker is None and not is_reward_config(config):
+        architectures = ", ".join(config.architectures or ["unknown"])
+        raise UserError(f"{path} is not a reward model (architecture {architectures}, no "
+                        f"{REWARD_MARKER}); train one with `rlhf run reward` or pass a reward "
+                        f"checkpoint such as reward:latest")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a reward model from {path}: {first_line(err)}") from None
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if marker and marker.get("shift"):
+        set_score_bias(model, -float(marker["shift"]))
+    return model.eval(), tokenizer
+
+
+def is_reward_config(config) -> bool:
+    """A one-label sequence classifier (how third-party reward models are saved)."""
+    architectures = config.architectures or []
+    return config.num_labels == 1 and any(a.endswith("ForSequenceClassification")
+                                          for a in architectures)
+
+
+def read_marker(path: str | Path) -> dict | None:
+    """The `reward_model.json` of a published reward model, or None when there is none."""
+    marker_file = Path(path) / REWARD_MARKER
+    if not marker_file.is_file():
+        return None
+    try:
+        marker = json.loads(marker_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{marker_file} is not valid JSON; the checkpoint is damaged, retrain "
+                        f"it or restore the file") from None
+    if not isinstance(marker, dict) or marker.get("kind") != MARKER_KIND:
+        raise UserError(f"{marker_file} does not describe a reward model (kind "
+                        f"{marker.get('kind') if isinstance(marker, dict) else None!r})")
+    return marker
+
+
+def set_score_bias(model, bias: float) -> None:
+    """Give the score head the constant `bias` (the head is replaced by one with a bias term)."""
+    head = model.score
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True,
+                             dtype=head.weight.dtype, device=head.weight.device)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.fill_(bias)
+    model.score = biased
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# -- scoring --------------------------------------------------------------------------------------
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into `(input_ids, attention_mask)`, both long tensors (B, T)."""
+    width = max(len(seq) for seq in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, :len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) right-padded sequences → (B,) float32 scores, read at each one's last token."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, 1)
+    return logits[:, 0].float()
+
+
+@torch.no_grad()
+def score_sequences(model, seqs: list[list[int]], batch_size: int = 32,
+                    progress: bool = False) -> list[float]:
+    """Scores of encoded sequences, in their order; batches of similar lengths waste no compute."""
+    device = next(model.parameters()).device
+    pad_id = model.config.pad_token_id
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    scores = [0.0] * len(seqs)
+    was_training = model.training
+    model.eval()
+    bar = _progress_bar(len(seqs), progress)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        input_ids, attention_mask = right_pad([seqs[i] for i in chunk], pad_id)
+        values = sequence_scores(model, input_ids.to(device), attention_mask.to(device))
+        for index, value in zip(chunk, values.tolist()):
+            scores[index] = value
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    return scores
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="score", unit="answer", file=sys.stderr, dynamic_ncols=True,
+                disable=not enabled or os.environ.get("RLHF_NO_PROGRESS") == "1")
+
+
+def context_length(model, tokenizer) -> int:
+    """The longest sequence the model takes: its position limit, or the tokenizer's if smaller."""
+    limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return min(limit, tokenizer.model_max_length)
+
+
+def encode_answers(tokenizer, prompts: list, responses: list[str], max_length: int,
+                   ) -> tuple[list[list[int]], int]:
+    """Encode (prompt, response) pairs for scoring; over-long ones keep their last `max_length`
+    tokens (so the EOS stays). Returns the sequences and how many were cut."""
+    from pipeline.tokenizer import encode_prompt_response
+
+    seqs, truncated = [], 0
+    for prompt, response in zip(prompts, responses, strict=True):
+        full = encode_prompt_response(tokenizer, prompt, response, sys.maxsize)
+        truncated += len(full) > max_length
+        seqs.append(full[-max_length:])
+    return seqs, truncated
+
+
+def score_texts(model, tokenizer, prompts: list, responses: list[str],
+                batch_size: int = 32) -> list[float]:
+    """Normalized scores of each (prompt, response) pair: prompt as text or chat messages."""
+    seqs, _ = encode_answers(tokenizer, prompts, responses, context_length(model, tokenizer))
+    return score_sequences(model, seqs, batch_size)
+
+
+# -- rlhf score -----------------------------------------------------------------------------------
+def cmd_score(args) -> int:
+    from transformers.utils import logging as transformers_logging
+
+    from pipeline.registry import Registry
+
+    _check_score_args(args)
+    transformers_logging.disable_progress_bar()  # loading a small model needs no bar of its own
+    resolved = Registry(args.home).resolve(args.ref)
+    model, tokenizer = load_reward_model(resolved)
+    if args.data:
+        report = score_ranked_file(model, tokenizer, args.data, args.worst)
+        if args.plot:
+            plot_scores_by_rank(report.pop("scores_by_rank"), args.plot)
+        else:
+            report.pop("scores_by_rank")
+        print(json.dumps(report, ensure_ascii=False, indent=1) if args.json
+              else format_ranked_report(args.data, report, args.plot))
+        return 0
+    scores = score_texts(model, tokenizer, [args.prompt] * len(args.response), args.response)
+    table = sorted(zip(scores, args.response), key=lambda pair: -pair[0])
+    if args.json:
+        print(json.dumps([{"score": score, "response": response} for score, response in table],
+                         ensure_ascii=False, indent=1))
+    else:
+        print(format_table(table))
+    return 0
+
+
+def _check_score_args(args) -> None:
+    if args.data and (args.prompt is not None or args.response):
+        raise UserError("give either --data FILE or --prompt with --response, not both")
+    if not args.data:
+        if args.prompt is None or not args.response:
+            raise UserError("nothing to score: pass --prompt P with one or more --response A, "
+                            "or --data FILE")
+        if not args.prompt.strip():
+            raise UserError("--prompt is empty; give the question the answers respond to")
+        for index, response in enumerate(args.response, start=1):
+            if not response.strip():
+                raise UserError(f"--response number {index} is empty; give the answer text")
+    if args.plot and not args.data:
+        raise UserError("--plot needs --data FILE (it draws the scores of ranked answers)")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UserError(f"--plot {args.plot}: the plot is a PNG; name the file *.png")
+    if args.worst < 0:
+        raise UserError(f"--worst must be 0 or more, got {args.worst}")
+
+
+def format_table(table: list[tuple[float, str]]) -> str:
+    lines = [f"{'rank':>4}  {'score':>9}  response"]
+    for place, (score, response) in enumerate(table, start=1):
+        lines.append(f"{place:>4}  {score:>9.4f}  {_one_line(response)}")
+    return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 100) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+
+
+def score_ranked_file(model, tokenizer, path: str, n_worst: int) -> dict:
+    """Score every answer of a ranked file and compare with its labels.
+
+    Returns `accuracy`, `score_by_rank`, `accuracy_by_gap`, `kendall_tau`, counts, `worst` (the
+    `n_worst` prompts the model disagrees with most) and `scores_by_rank` (every score, for the
+    plot).
+    """
+    from pipeline.data import load_ranked_rows
+    from pipeline.ranking import ranking_metrics
+
+    rows = load_ranked_rows(path)
+    max_length = context_length(model, tokenizer)
+    seqs, truncated = [], 0
+    for row in rows:
+        try:
+            row_seqs, cut = encode_answers(tokenizer, [row["prompt"]] * len(row["responses"]),
+                                           row["responses"], max_length)
+        except UserError as err:
+            raise UserError(f"{path}:{row['_line']}: {err}") from None
+        seqs += row_seqs
+        truncated += cut
+    flat = score_sequences(model, seqs, progress=True)
+    score_lists = regroup(flat, [len(row["responses"]) for row in rows])
+    rank_lists = [row["ranks"] for row in rows]
+    metrics = ranking_metrics(score_lists, rank_lists)
+    scores_by_rank: dict[int, list[float]] = {}
+    for scores, ranks in zip(score_lists, rank_lists):
+        for score, rank in zip(scores, ranks):
+            scores_by_rank.setdefault(rank, []).append(score)
+    return {
+        "accuracy": finite_or_none(metrics["pairwise_accuracy"]),
+        "score_by_rank": metrics["mean_score_by_rank"],
+        "accuracy_by_gap": metrics["accuracy_by_gap"],
+        "kendall_tau": finite_or_none(metrics["kendall_tau"]),
+        "n_prompts": metrics["n_prompts"],
+        "n_pairs": metrics["n_pairs"],
+        "truncated": truncated,
+        "worst": worst_prompts(rows, score_lists, path, n_worst),
+        "scores_by_rank": scores_by_rank,
+    }
+
+
+def finite_or_none(value: float) -> float | None:
+    """NaN (nothing defined the metric) becomes None, which JSON can carry."""
+    return None if math.isnan(value) else value
+
+
+def regroup(flat: list[float], sizes: list[int]) -> list[list[float]]:
+    """Split a flat list into consecutive groups of the given sizes."""
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(flat[start:start + size])
+        start += size
+    return groups
+
+
+def disagreement(scores: list[float], ranks: list[int]) -> float:
+    """How strongly scores contradict a labeled ranking: the sum, over pairs the labels order,
+    of how far the worse-ranked answer scores above the better one (0 when all agree)."""
+    return sum(max(0.0, scores[j] - scores[i])
+               for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j])
+
+
+def worst_prompts(rows: list[dict], score_lists: list[list[float]], path: str,
+                  n_worst: int) -> list[dict]:
+    """The prompts with the largest `disagreement` (only those that disagree at all)."""
+    scored = [(disagreement(scores, row["ranks"]), row, scores)
+              for row, scores in zip(rows, score_lists)]
+    scored = sorted((item for item in scored if item[0] > 0), key=lambda item: -item[0])
+    return [{"where": f"{path}:{row['_line']}", "prompt": row["prompt"], "disagreement": amount,
+             "answers": [{"response": response, "label_rank": rank, "score": score}
+                         for response, rank, score in zip(row["responses"], row["ranks"], scores)]}
+            for amount, row, scores in scored[:n_worst]]
+
+
+def format_ranked_report(path: str, report: dict, plot: str | None) -> str:
+    def join(mapping: dict, fmt: str) -> str:
+        return "  ".join(f"{key}: {value:{fmt}}" for key, value in mapping.items())
+
+    lines = [f"{path}: {report['n_prompts']} prompts, {report['n_pairs']} ranked pairs"
+             + (f", {report['truncated']} answers cut to the model's context"
+                if report["truncated"] else ""),
+             f"pairwise accuracy: {_number(report['accuracy'])}",
+             f"Kendall's tau (mean per prompt): {_number(report['kendall_tau'])}",
+             f"accuracy by rank gap: {join(report['accuracy_by_gap'], '.3f')}",
+             f"mean score by rank (0 = best): {join(report['score_by_rank'], '+.3f')}"]
+    if report["worst"]:
+        lines.append(f"prompts where the model disagrees most with the labels "
+                     f"({len(report['worst'])}):")
+    for item in report["worst"]:
+        prompt = item["prompt"] if isinstance(item["prompt"], str) else item["prompt"][-1]["content"]
+        lines.append(f"  {item['where']}  disagreement {item['disagreement']:.3f}  "
+                     f"{_one_line(prompt, 80)}")
+        for answer in sorted(item["answers"], key=lambda a: a["label_rank"]):
+            lines.append(f"    label rank {answer['label_rank']}  score {answer['score']:+.3f}  "
+                         f"{_one_line(answer['response'], 80)}")
+    if plot:
+        lines.append(f"plot: {plot}")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "undefined (no strictly ranked pair)" if value is None else f"{value:.4f}"
+
+
+def plot_scores_by_rank(scores_by_rank: dict[int, list[float]], out: str) -> None:
+    """A PNG with one score histogram per labeled rank position."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    every = [score for scores in scores_by_rank.values() for score in scores]
+    bins = torch.linspace(min(every), max(every) + 1e-6, 31).tolist()
+    for rank in sorted(scores_by_rank):
+        axes.hist(scores_by_rank[rank], bins=bins, histtype="step", linewidth=1.5,
+                  label=f"rank {rank} (n={len(scores_by_rank[rank])})")
+    axes.set_xlabel("reward model score")
+    axes.set_ylabel("answers")
+    axes.set_title("Score distribution per labeled rank (0 = best)")
+    axes.legend()
+    figure.tight_layout()
+    try:
+        figure.savefig(out, format="png", dpi=100)
+    except OSError as err:
+        raise UserError(f"cannot write the plot to {out}: {err.strerror}; pass a writable path") from None
+    finally:
+        plt.close(figure)

@@ -1,0 +1,1 @@
+"""The ppo stage: rollouts, the pure PPO math, and the training loop."""

@@ -1,0 +1,381 @@
+"""Reward stage: train a reward model on prompts with K ranked answers, as InstructGPT did.
+
+    rlhf run reward --config configs/tiny/reward.yaml [model.source=sft:latest loss.margin=0.5 ...]
+
+Reads top to bottom: the starting checkpoint (`model.source`, default `sft:latest`) and its
+tokenizer → load and encode the ranked answers, all before anything is registered, so bad data
+leaves no trace → a one-label sequence classifier with the parent's backbone and a new score head
+(optionally LoRA) → train with the shared loop on the K-wise ranking loss → normalize → held-out
+metrics → publish a plain Hugging Face directory plus `reward_model.json`.
+Re-running the same command after an interruption resumes from the last committed state.
+
+One example is one prompt with its K answers. A micro-batch flattens the answers of its prompts
+into one right-padded batch, so each answer is encoded and scored once per step (K sequences per
+prompt, not the K·(K−1) of a pairwise expansion); `pipeline.ranking.kwise_ranking_loss` then forms
+every strictly ordered pair of a prompt from those scores. Pairwise data is the K = 2 case.
+
+Normalization (InstructGPT §3.5): after training, the score head gets the bias that makes the SFT
+answers score 0 on average. `normalize.answers: sft_samples` samples the parent (the SFT policy
+PPO starts from) on eval prompts, so PPO starts near reward 0; `best_ranked` uses the best-ranked
+answers of the eval rankings as a stand-in for demonstrations. The shift is stored in the run
+summary and in `reward_model.json`; see `pipeline.scoring` for why plain transformers cannot apply it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pipeline.config import LoraConfig, Section, StageConfig
+from pipeline.errors import UserError
+from pipeline.registry import Registry, Resolved, Run
+from pipeline.sources import WorldSection, world_file
+
+
+class ModelSection(Section):
+    source: str = Field("sft:latest", description="the checkpoint to start from: a registry "
+                        "reference (run id, STAGE:latest, alias), a local HF directory or a hub name")
+
+
+class DataSection(Section):
+    train_files: list[str] = Field(default_factory=list, description="ranked-answer files, "
+                                   "directories or a hub data set; empty = the embedded world's "
+                                   "reward_train.jsonl")
+    eval_files: list[str] = Field(default_factory=list, description="held-out rankings; empty = the "
+                                  "world's reward_eval.jsonl, or eval_fraction of train_files when "
+                                  "those are given")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of train_files prompts held "
+                                 "out when eval_files is empty")
+    format: Literal["auto", "ranked", "scored", "pairwise", "transcripts"] = Field(
+        "auto", description="row format; auto detects it from the first row's columns")
+    columns: dict[str, str] = Field(default_factory=dict, description="our column name → yours, "
+                                    "e.g. {chosen: better, rejected: worse}")
+    world: WorldSection = Field(default_factory=WorldSection)
+    max_length: int = Field(256, ge=8, description="tokens per prompt + answer")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="a longer prompt + answer: keep its last max_length tokens (the "
+                                "EOS stays), or drop the whole prompt; both are counted and reported")
+
+
+class LossSection(Section):
+    margin: float = Field(0.0, ge=0, description="required score gap: −log σ(r_w − r_l − margin)")
+    center_coef: float = Field(0.0, ge=0, description="weight of mean(score²), keeping scores near 0")
+
+
+class NormalizeSection(Section):
+    answers: Literal["sft_samples", "best_ranked"] = Field(
+        "sft_samples", description="answers that score 0 on average after training: samples of the "
+        "parent model on eval prompts, or the best-ranked eval answers")
+    prompts: int = Field(64, ge=1, description="eval prompts sampled (sft_samples)")
+    max_new_tokens: int = Field(48, ge=1, description="answer length limit (sft_samples)")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature, 0 = greedy (sft_samples)")
+
+
+class Config(StageConfig):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    normalize: NormalizeSection = Field(default_factory=NormalizeSection)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+@dataclass
+class RankedSet:
+    """One split's prompts with their encoded answers, and what happened to over-long ones."""
+
+    rows: list[dict] = field(default_factory=list)  # {"prompt", "responses", "ranks", "_line"}
+    sequences: list[list[list[int]]] = field(default_factory=list)  # [prompt][answer] → ids, EOS last
+    read: int = 0        # prompts read
+    truncated: int = 0   # answers cut to max_length, kept
+    dropped: int = 0     # prompts left out (truncation=drop)
+
+    def report(self, name: str) -> dict[str, int]:
+        return {f"{name}_prompts": len(self.rows), f"{name}_answers_truncated": self.truncated,
+                f"{name}_prompts_dropped": self.dropped}
+
+    def describe(self, name: str, data: DataSection) -> str:
+        answers = sum(len(seqs) for seqs in self.sequences)
+        return (f"{name} {len(self.rows)} of {self.read} prompts, {answers} answers "
+                f"({self.truncated} answers cut to their last {data.max_length} tokens, "
+                f"{self.dropped} prompts dropped)")
+
+
+def run(config: Config, registry: Registry, *, restart: bool = False,
+        pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
+    from pipeline.models import checked_path
+    from pipeline.runtime import StageRun
+    from pipeline.scoring import reward_tokenizer
+    from stages.sft import check_context, fingerprint
+
+    if parents is None:
+        parents = {"model": registry.resolve(config.model.source)}
+    tokenizer = reward_tokenizer(checked_path(parents["model"]),
+                                 trust_remote_code=config.runtime.trust_remote_code)
+    check_context(tokenizer, config.data.max_length)
+    train_files, eval_files = data_files(config, registry)
+    train_set, eval_set = load_splits(tokenizer, train_files, eval_files, config)
+    stage_run = StageRun.open("reward", config, registry, parents=parents,
+                              data_fingerprint=fingerprint(train_files, eval_files, None),
+                              restart=restart, pipeline_id=pipeline_id)
+    if stage_run.reused:
+        return stage_run.run
+    try:
+        return _train(stage_run, config, tokenizer, train_set, eval_set, parents["model"])
+    except BaseException as err:
+        stage_run.fail("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+        raise
+
+
+def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set: RankedSet,
+           parent: Resolved) -> Run:
+    from pipeline.models import merge_adapter
+    from pipeline.trainer import fit, micro_batch_indices
+
+    stage_run.say(f"reward: {train_set.describe('train', config.data)}; "
+                  f"{eval_set.describe('eval', config.data)}")
+    model = _reward_model(stage_run, config, tokenizer, parent)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stage_run.say(f"reward: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} "
+                  f"parameters{' (LoRA)' if config.lora.enabled else ''}")
+    pad_id = tokenizer.pad_token_id
+
+    def batches_for_step(step: int):
+        return [(idx, collate_rankings([train_set.sequences[i] for i in idx],
+                                       [train_set.rows[i]["ranks"] for i in idx], pad_id))
+                for idx in micro_batch_indices(stage_run, len(train_set.rows), step)]
+
+    def loss_fn(model, batch: dict):
+        return ranking_loss(model, batch, config.loss)
+
+    def eval_fn(model) -> dict:
+        metrics = held_out_metrics(model, eval_set, score_batch_size(config), shift=0.0)
+        return flat_metrics(metrics, scale_free=True)
+
+    fit(stage_run, model, tokenizer, batches_for_step=batches_for_step, loss_fn=loss_fn,
+        eval_fn=eval_fn, tokens_in=lambda batch: int(batch["attention_mask"].sum()), desc="reward")
+
+    reward_model = merge_adapter(model)  # LoRA folded in: the published model is a plain classifier
+    normalization = normalization_shift(reward_model, tokenizer, eval_set, config, parent)
+    metrics = held_out_metrics(reward_model, eval_set, score_batch_size(config),
+                               shift=normalization["shift"])
+    stage_run.log(config.train.max_steps, flat_metrics(metrics, scale_free=False))
+    stage_run.say(describe_metrics(metrics, normalization))
+    summary = {**metrics, "shift": normalization["shift"], "normalization": normalization,
+               **train_set.report("train"), **eval_set.report("eval"),
+               "lora": config.lora.enabled}
+    marker = reward_marker(metrics, normalization, config)
+    stage_run.publish(reward_model, tokenizer, summary=summary,
+                      extra_writer=lambda directory: write_marker(directory, marker))
+    return stage_run.registry.get(stage_run.run.id)
+
+
+def _reward_model(stage_run, config: Config, tokenizer, parent: Resolved):
+    """The model to train: fresh from the parent (plus a new LoRA adapter), or the resume state's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.models import apply_lora
+    from pipeline.scoring import build_reward_model
+
+    trust = config.runtime.trust_remote_code
+    resume_dir = stage_run.state_model_dir()
+    if resume_dir is not None and not config.lora.enabled:
+        return AutoModelForSequenceClassification.from_pretrained(
+            resume_dir, trust_remote_code=trust, dtype=torch.float32)
+    model = build_reward_model(parent, tokenizer, config.seed, trust_remote_code=trust)
+    if resume_dir is not None:
+        from peft import PeftModel
+        return PeftModel.from_pretrained(model, resume_dir, is_trainable=True)
+    # SEQ_CLS makes peft train and save the new score head in full (modules_to_save).
+    return apply_lora(model, config.lora, task_type="SEQ_CLS")
+
+
+# -- data ---------------------------------------------------------------------------------------
+def data_files(config: Config, registry: Registry) -> tuple[list[str], list[str]]:
+    """Train and eval sources: the user's, or the embedded world's reward files."""
+    data = config.data
+    if data.train_files:
+        return list(data.train_files), list(data.eval_files)
+    world = [str(world_file(registry, data.world, name))
+             for name in ("reward_train.jsonl", "reward_eval.jsonl")]
+    return world[:1], list(data.eval_files) or world[1:]
+
+
+def load_splits(tokenizer, train_files: list[str], eval_files: list[str],
+                config: Config) -> tuple[RankedSet, RankedSet]:
+    """Read and encode both splits; without eval files, hold out `eval_fraction` of the prompts."""
+    train_rows = read_rows(train_files, config.data)
+    if eval_files:
+        eval_rows = read_rows(eval_files, config.data)
+    else:
+        train_rows, eval_rows = hold_out(train_rows, config.data.eval_fraction, config.seed)
+    return (encode_rankings(tokenizer, train_rows, config.data, "train"),
+            encode_rankings(tokenizer, eval_rows, config.data, "eval"))
+
+
+def read_rows(sources: list[str], data: DataSection) -> list[dict]:
+    """Every ranked row of the sources, each with `_where` = "file:line" for messages."""
+    from pipeline.data import load_ranked_rows
+
+    return [{**row, "_where": f"{source}:{row['_line']}"} for source in sources
+            for row in load_ranked_rows(source, data.format, data.columns)]
+
+
+def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded split into (train, eval) rows, each keeping the file order."""
+    n_eval = max(1, round(len(rows) * fraction))
+    if len(rows) - n_eval < 1:
+        raise UserError(f"only {len(rows)} ranked prompts: too few to hold out an eval set; add "
+                        f"data or name held-out files in data.eval_files")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    eval_index = set(order[:n_eval].tolist())
+    return ([row for i, row in enumerate(rows) if i not in eval_index],
+            [row for i, row in enumerate(rows) if i in eval_index])
+
+
+def encode_rankings(tokenizer, rows: list[dict], data: DataSection, split: str) -> RankedSet:
+    """Encode every answer as prompt + answer ending at its EOS, applying the truncation policy."""
+    from pipeline.scoring import encode_answers
+
+    ranked = RankedSet(read=len(rows))
+    for row in rows:
+        try:
+            sequences, cut = encode_answers(tokenizer, [row["prompt"]] * len(row["responses"]),
+                                            row["responses"], data.max_length)
+        except UserError as err:
+            raise UserError(f"{row['_where']}: {err}") from None
+        if cut and data.truncation == "drop":
+            ranked.dropped += 1
+            continue
+        ranked.truncated += cut
+        ranked.rows.append(row)
+        ranked.sequences.append(sequences)
+    if not ranked.rows:
+        raise UserError(f"all {ranked.read} {split} prompts were dropped: an answer is longer than "
+                        f"data.max_length={data.max_length} tokens with data.truncation=drop; raise "
+                        f"data.max_length or use data.truncation=truncate")
+    return ranked
+
+
+def collate_rankings(sequences: list[list[list[int]]], rank_lists: list[list[int]],
+                     pad_id: int) -> dict[str, torch.Tensor]:
+    """Flatten the answers of a micro-batch's prompts into one batch for a single forward pass.
+
+    sequences[i][k] are the token ids of prompt i's answer k, rank_lists[i][k] its rank (0 = best).
+    Returns input_ids and attention_mask (N, T), right-padded, N = the total number of answers;
+    group_ids and ranks (N,) as `kwise_ranking_loss` takes them.
+    """
+    from pipeline.ranking import encode_groups
+    from pipeline.scoring import right_pad
+
+    input_ids, attention_mask = right_pad([seq for answers in sequences for seq in answers], pad_id)
+    group_ids, ranks = encode_groups(rank_lists)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "group_ids": group_ids,
+            "ranks": ranks}
+
+
+# -- loss, evaluation, normalization --------------------------------------------------------------
+def ranking_loss(model, batch: dict, loss: LossSection):
+    """K-wise ranking loss over one flattened micro-batch; every answer scored once."""
+    from pipeline.ranking import kwise_ranking_loss
+    from pipeline.scoring import sequence_scores
+
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (N,)
+    value, stats = kwise_ranking_loss(scores, batch["group_ids"], batch["ranks"],
+                                      margin=loss.margin, center_coef=loss.center_coef)
+    return value, {"pairwise_accuracy": stats["pairwise_accuracy"],
+                   "score_mean": scores.detach().mean()}
+
+
+def score_batch_size(config: Config) -> int:
+    """Answers per batch when only scoring: about as many as a training micro-batch holds."""
+    return config.train.batch_size * 4
+
+
+def held_out_metrics(model, eval_set: RankedSet, batch_size: int, shift: float) -> dict:
+    """`pipeline.ranking.ranking_metrics` of the eval rankings, on scores minus `shift`."""
+    from pipeline.ranking import ranking_metrics
+    from pipeline.scoring import regroup, score_sequences
+
+    flat = score_sequences(model, [seq for seqs in eval_set.sequences for seq in seqs],
+                           batch_size=batch_size)
+    score_lists = regroup([score - shift for score in flat], [len(s) for s in eval_set.sequences])
+    return ranking_metrics(score_lists, [row["ranks"] for row in eval_set.rows])
+
+
+def flat_metrics(metrics: dict, scale_free: bool) -> dict[str, float]:
+    """Metric series for the registry. Scale-free ones (accuracy, tau) do not move with the
+    normalization shift, so they can be logged before it; mean scores only after."""
+    if scale_free:
+        values = {"eval_pairwise_accuracy": metrics["pairwise_accuracy"],
+                  "eval_kendall_tau": metrics["kendall_tau"]}
+        values.update({f"eval_accuracy_gap_{gap}": value
+                       for gap, value in metrics["accuracy_by_gap"].items()})
+        return values
+    return {f"eval_mean_score_rank_{rank}": value
+            for rank, value in metrics["mean_score_by_rank"].items()}
+
+
+def normalization_shift(model, tokenizer, eval_set: RankedSet, config: Config,
+                        parent: Resolved) -> dict:
+    """The mean raw score of the SFT answers (see the module docstring), and what it was taken on."""
+    from pipeline.scoring import encode_answers, score_sequences
+
+    norm = config.normalize
+    if norm.answers == "best_ranked":
+        seqs = [seq for seqs, row in zip(eval_set.sequences, eval_set.rows)
+                for seq, rank in zip(seqs, row["ranks"]) if rank == 0]
+    else:
+        prompts = [row["prompt"] for row in eval_set.rows[:norm.prompts]]
+        answers = sample_parent(parent, prompts, config)
+        seqs, _ = encode_answers(tokenizer, prompts, answers, config.data.max_length)
+    scores = score_sequences(model, seqs, batch_size=score_batch_size(config))
+    return {"shift": float(np.mean(scores)), "answers": norm.answers, "count": len(seqs)}
+
+
+def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[str]:
+    """Answers of the parent model to `prompts` (with its own tokenizer), seeded."""
+    from pipeline.generation import SamplingConfig, sample
+    from pipeline.models import load_causal_lm
+    from pipeline.tokenizer import load_tokenizer
+
+    trust = config.runtime.trust_remote_code
+    policy = load_causal_lm(parent, trust_remote_code=trust, trainable_adapter=False)
+    tokenizer = load_tokenizer(parent.path, trust_remote_code=trust)
+    sampling = SamplingConfig(max_new_tokens=config.normalize.max_new_tokens,
+                              temperature=config.normalize.temperature)
+    return sample(policy, tokenizer, prompts, sampling, seed=config.seed)
+
+
+def describe_metrics(metrics: dict, normalization: dict) -> str:
+    gaps = "  ".join(f"{gap}: {value:.3f}" for gap, value in metrics["accuracy_by_gap"].items())
+    means = "  ".join(f"{rank}: {value:+.3f}" for rank, value in metrics["mean_score_by_rank"].items())
+    return (f"reward: held-out pairwise accuracy {metrics['pairwise_accuracy']:.4f} over "
+            f"{metrics['n_pairs']} pairs of {metrics['n_prompts']} prompts; Kendall's tau "
+            f"{metrics['kendall_tau']:.4f}\nreward: accuracy by rank gap  {gaps}\n"
+            f"reward: mean score by rank (0 = best)  {means}\n"
+            f"reward: normalization shift {normalization['shift']:+.4f} (mean raw score of "
+            f"{normalization['count']} {normalization['answers'].replace('_', ' ')} answers)")
+
+
+def reward_marker(metrics: dict, normalization: dict, config: Config) -> dict:
+    """The content of `reward_model.json`: what PPO and `rlhf score` check and apply."""
+    from pipeline.scoring import MARKER_KIND
+
+    return {"kind": MARKER_KIND, "shift": normalization["shift"], "normalization": normalization,
+            "score_at": "the last non-pad token: the EOS that ends the answer",
+            "max_length": config.data.max_length, "metrics": metrics,
+            "note": "transformers' sequence-classification head has no bias: plain from_pretrained "
+                    "returns raw scores; subtract shift, or load with "
+                    "pipeline.scoring.load_reward_model"}
+
+
+def write_marker(directory, marker: dict) -> None:
+    from pipeline.scoring import REWARD_MARKER
+
+    (directory / REWARD_MARKER).write_text(json.dumps(marker, indent=1, ensure_ascii=False),
+                                           encoding="utf-8")

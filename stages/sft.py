@@ -1,0 +1,390 @@
+"""SFT stage: fine-tune a causal LM on instruction → answer conversations, with loss on the answers.
+
+    rlhf run sft --config configs/tiny/sft.yaml [model.source=pretrain:latest lora.enabled=true ...]
+
+Reads top to bottom: the model to start from (`model.source`: a registry reference such as
+`pretrain:latest`, a local Hugging Face directory, or a hub name) and its tokenizer → load and
+encode the conversations, all before anything is registered, so bad data leaves no trace →
+gold-score the starting model on the world's held-out prompts → train with the shared loop → eval
+loss and gold score → publish (with LoRA: the adapter, whose config names the parent's directory).
+Re-running the same command after an interruption resumes from the last committed state.
+
+The loop is `pipeline.trainer.fit` rather than TRL's SFTTrainer: every stage then shares one
+resume state format with atomic commits and bit-identical resume, and truncation is counted.
+
+Packing (`data.packing: true`) concatenates the encoded conversations into blocks of
+`data.max_length` tokens, keeping each token's label. As in TRL's simple packing, attention crosses
+example boundaries inside a block: a conversation can attend to the end of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from pipeline.config import LoraConfig, Section, StageConfig
+from pipeline.errors import UserError
+from pipeline.registry import Registry, Resolved, Run
+from pipeline.sources import WorldSection, world_file
+from pipeline.tokenizer import IGNORE_INDEX
+
+
+class ModelSection(Section):
+    source: str = Field("pretrain:latest", description="the model to fine-tune: a registry "
+                        "reference (run id, STAGE:latest, alias), an HF directory or a hub name")
+
+
+class DataSection(Section):
+    train_files: list[str] = Field(default_factory=list, description="SFT files, directories or a "
+                                   "hub data set; empty = the embedded world's sft_train.jsonl")
+    eval_files: list[str] = Field(default_factory=list, description="held-out SFT data for the "
+                                  "eval loss; empty = the world's sft_eval.jsonl when train_files "
+                                  "is empty too, else no eval loss")
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = Field(
+        "auto", description="row format; auto detects it from the first row's columns")
+    columns: dict[str, str] = Field(default_factory=dict, description="our column name → yours, "
+                                    "e.g. {prompt: question, completion: answer}")
+    world: WorldSection = Field(default_factory=WorldSection)
+    max_length: int = Field(256, ge=8, description="tokens per conversation (and per packed block)")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="longer conversations: keep their first max_length tokens, or drop "
+                                "them; both are counted and reported")
+    packing: bool = Field(False, description="concatenate conversations into max_length blocks")
+
+
+class EvalSection(Section):
+    prompts_file: str | None = Field(None, description="JSONL of {prompt} for the gold eval; "
+                                     "empty = the world's eval_prompts.jsonl")
+    n_prompts: int = Field(64, ge=0, description="prompts sampled for the gold eval; 0 skips it")
+    max_new_tokens: int = Field(48, ge=1, description="answer length limit (greedy decoding)")
+
+
+class Config(StageConfig):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+
+@dataclass
+class EncodedSplit:
+    """One split's encoded conversations and what happened to the rows that did not fit."""
+
+    name: str  # "train" or "eval"
+    examples: list[dict] = field(default_factory=list)  # {"input_ids": [int], "labels": [int]}
+    rows: int = 0       # rows read
+    truncated: int = 0  # kept, cut to max_length
+    dropped: int = 0    # left out: too long (truncation=drop), or no answer within max_length
+
+    def counts(self) -> dict[str, int]:
+        """For the run summary: `train_examples`, `train_truncated`, `train_dropped`."""
+        return {f"{self.name}_examples": len(self.examples),
+                f"{self.name}_truncated": self.truncated, f"{self.name}_dropped": self.dropped}
+
+    def describe(self, max_length: int) -> str:
+        return (f"{self.name} {len(self.examples)} of {self.rows} conversations ({self.truncated} "
+                f"truncated to {max_length} tokens, {self.dropped} dropped)")
+
+
+def run(config: Config, registry: Registry, *, restart: bool = False,
+        pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
+    from pipeline.evaluate import read_prompts
+    from pipeline.models import checked_path
+    from pipeline.runtime import StageRun
+    from pipeline.tokenizer import load_tokenizer
+
+    if parents is None:
+        parents = {"model": registry.resolve(config.model.source)}
+    trust = config.runtime.trust_remote_code
+    tokenizer = load_tokenizer(checked_path(parents["model"]), trust_remote_code=trust)
+    check_context(tokenizer, config.data.max_length)
+    check_lora_start(parents["model"], tokenizer, config.lora, trust)
+    train_files, eval_files = data_files(config, registry)
+    train_set = encode_split(tokenizer, train_files, config.data, "train")
+    eval_set = encode_split(tokenizer, eval_files, config.data, "eval") if eval_files else None
+    prompts_file = gold_prompts_file(config, registry)
+    prompts = read_prompts(prompts_file, config.eval.n_prompts) if prompts_file else []
+    stage_run = StageRun.open("sft", config, registry, parents=parents,
+                              data_fingerprint=fingerprint(train_files, eval_files, prompts_file),
+                              restart=restart, pipeline_id=pipeline_id)
+    if stage_run.reused:
+        return stage_run.run
+    try:
+        return _train(stage_run, config, tokenizer, train_set, eval_set, prompts, parents["model"])
+    except BaseException as err:
+        stage_run.fail("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+        raise
+
+
+def _train(stage_run, config: Config, tokenizer, train_set: EncodedSplit,
+           eval_set: EncodedSplit | None, prompts: list[str], parent: Resolved) -> Run:
+    from pipeline.generation import gold_metrics
+    from pipeline.trainer import fit, micro_batch_indices
+
+    max_length = config.data.max_length
+    counts = {**train_set.counts(), **(eval_set.counts() if eval_set else {})}
+    stage_run.say(f"sft: {train_set.describe(max_length)}; " + (
+        eval_set.describe(max_length) if eval_set else "no eval files, so no eval loss"))
+    train_examples = train_set.examples
+    if config.data.packing:
+        train_examples = pack_examples(train_examples, max_length)
+        counts["train_packed_blocks"] = len(train_examples)
+        stage_run.say(f"sft: packed {len(train_set.examples)} conversations into "
+                      f"{len(train_examples)} blocks of up to {max_length} tokens")
+
+    model, gold_before = _model_and_gold_before(stage_run, config, tokenizer, prompts, parent)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stage_run.say(f"sft: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} "
+                  f"parameters{' (LoRA)' if config.lora.enabled else ''}")
+    pad_id = tokenizer.pad_token_id
+    device = stage_run.accelerator.device
+
+    def batches_for_step(step: int):
+        return [(idx, pad_batch([train_examples[i] for i in idx], pad_id))
+                for idx in micro_batch_indices(stage_run, len(train_examples), step)]
+
+    def eval_fn(model) -> dict:
+        return eval_answer_loss(model, eval_set.examples, config.train, pad_id, device)
+
+    final = fit(stage_run, model, tokenizer, batches_for_step=batches_for_step, loss_fn=sft_loss,
+                eval_fn=eval_fn if eval_set else None,
+                tokens_in=lambda batch: int(batch["attention_mask"].sum()), desc="sft")
+    if "eval_loss" in final:
+        stage_run.say(f"sft: eval loss {final['eval_loss']:.4f} on the answers")
+    summary = {**final, **counts, **gold_before}
+    if prompts:
+        gold = measure_gold(model, tokenizer, prompts, config)
+        stage_run.log(config.train.max_steps, gold_metrics(gold))
+        stage_run.say(describe_gold(gold, gold_before))
+        summary.update(gold_metrics(gold), gold_samples=gold["samples"][:3])
+    stage_run.publish(model, tokenizer, summary=summary)
+    return stage_run.registry.get(stage_run.run.id)
+
+
+def _model_and_gold_before(stage_run, config: Config, tokenizer, prompts: list[str],
+                           parent: Resolved):
+    """The model to train (fresh from the parent, or the resume state's) and the starting model's
+    gold metrics as `gold_before/...`.
+
+    The starting model is the parent fitted to the tokenizer (and with a fresh LoRA adapter, which
+    starts as a no-op). Its gold metrics are logged at step 0, which a resume keeps, so a resumed
+    run reads them back instead of loading the parent again.
+    """
+    from pipeline.models import load_causal_lm
+
+    trust = config.runtime.trust_remote_code
+    gold_before = logged_gold_before(stage_run)
+    start_model = None
+    if stage_run.resume is None or (prompts and not gold_before):
+        start_model = prepare_model(load_causal_lm(parent, trust_remote_code=trust,
+                                                   trainable_adapter=False),
+                                    tokenizer, config.lora, parent)
+    if prompts and not gold_before:
+        gold = measure_gold(start_model, tokenizer, prompts, config)
+        gold_before = {f"gold_before/{name}": value for name, value in gold.items()
+                       if isinstance(value, (int, float))}
+        stage_run.log(0, gold_before)
+    resume_dir = stage_run.state_model_dir()
+    if resume_dir is not None:
+        return load_causal_lm(Resolved(str(resume_dir)), trust_remote_code=trust), gold_before
+    return start_model, gold_before
+
+
+def logged_gold_before(stage_run) -> dict[str, float]:
+    series = stage_run.registry.metrics(stage_run.run.id)
+    return {name: values[-1][1] for name, values in series.items()
+            if name.startswith("gold_before/")}
+
+
+def check_lora_start(parent: Resolved, tokenizer, lora: LoraConfig,
+                     trust_remote_code: bool) -> None:
+    """Refuse a LoRA start whose adapter could not stand on the parent as its base.
+
+    Checked before the run is registered: the parent must be a full model, and the tokenizer must
+    need no new embedding rows, which an adapter cannot train.
+    """
+    from pipeline.export import ADAPTER_CONFIG
+
+    if not lora.enabled:
+        return
+    if (Path(parent.path) / ADAPTER_CONFIG).is_file():
+        raise UserError(f"model.source {parent.path} is a LoRA adapter; export it merged first "
+                        f"(rlhf export REF OUT --merge) and set model.source to OUT")
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(parent.path, trust_remote_code=trust_remote_code)
+    vocab_size = config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise UserError(f"the tokenizer of {parent.path} needs {len(tokenizer) - vocab_size} new "
+                        f"token(s) (chat roles or pad), which a LoRA adapter cannot train; set "
+                        f"lora.enabled=false, or start from a model whose tokenizer has a chat "
+                        f"template")
+
+
+def prepare_model(model, tokenizer, lora: LoraConfig, parent: Resolved):
+    """Fit the parent model to the tokenizer; wrap it with a fresh LoRA adapter when enabled."""
+    from pipeline.models import apply_lora, merge_adapter
+
+    model = merge_adapter(model)  # a LoRA parent is fine-tuned as the full model it stands for
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = apply_lora(model, lora)
+    if lora.enabled:
+        # The published adapter names its base: the parent's published directory, absolute, so
+        # `rlhf export --merge` and plain peft find it from anywhere.
+        model.peft_config["default"].base_model_name_or_path = parent_base_path(parent)
+    return model
+
+
+def parent_base_path(parent: Resolved) -> str:
+    path = Path(parent.path)
+    return str(path.resolve()) if path.is_dir() else parent.path
+
+
+# -- data ---------------------------------------------------------------------------------------
+def data_files(config: Config, registry: Registry) -> tuple[list[str], list[str]]:
+    """Train and eval sources: the user's, or the embedded world's SFT files."""
+    data = config.data
+    if data.train_files:
+        return list(data.train_files), list(data.eval_files)
+    world = [str(world_file(registry, data.world, name))
+             for name in ("sft_train.jsonl", "sft_eval.jsonl")]
+    return world[:1], list(data.eval_files) or world[1:]
+
+
+def gold_prompts_file(config: Config, registry: Registry) -> str | None:
+    if config.eval.n_prompts == 0:
+        return None
+    return config.eval.prompts_file or str(world_file(registry, config.data.world,
+                                                      "eval_prompts.jsonl"))
+
+
+def fingerprint(train_files: list[str], eval_files: list[str], prompts_file: str | None) -> str:
+    """What the run's result depends on: local files by content, hub data sets by name."""
+    from pipeline.data import fingerprint_files
+
+    digest = hashlib.sha256()
+    for role, sources in (("train", train_files), ("eval", eval_files),
+                          ("prompts", [prompts_file] if prompts_file else [])):
+        for source in sources:
+            local = Path(source).expanduser().exists()
+            digest.update(f"{role}\0{fingerprint_files(source) if local else source}\0".encode())
+    return digest.hexdigest()
+
+
+def check_context(tokenizer, max_length: int) -> None:
+    """A model cannot be trained on sequences longer than its context."""
+    context = tokenizer.model_max_length
+    if context < max_length:
+        raise UserError(f"data.max_length={max_length} is longer than the model's context of "
+                        f"{context} tokens; set data.max_length to at most {context}")
+
+
+def encode_split(tokenizer, sources: list[str], data: DataSection, split: str) -> EncodedSplit:
+    """Load every source with the configured format and encode it with assistant-only labels."""
+    from pipeline.data import load_sft_rows
+    from pipeline.tokenizer import encode_chat
+
+    split_data = EncodedSplit(split)
+    for source in sources:
+        for row in load_sft_rows(source, data.format, data.columns):
+            split_data.rows += 1
+            try:
+                encoded = encode_chat(tokenizer, row["messages"], data.max_length, data.truncation)
+            except UserError as err:
+                raise UserError(f"{source}:{row['_line']}: {err}") from None
+            if encoded is None:
+                split_data.dropped += 1
+                continue
+            split_data.truncated += encoded["truncated"]
+            split_data.examples.append({"input_ids": encoded["input_ids"],
+                                        "labels": encoded["labels"]})
+    if not split_data.examples:
+        raise UserError(f"{', '.join(sources)}: all {split_data.rows} {split} conversations were "
+                        f"dropped: longer than data.max_length={data.max_length} tokens "
+                        f"(data.truncation={data.truncation}) or no answer within it; raise "
+                        f"data.max_length or use data.truncation=truncate")
+    return split_data
+
+
+def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
+    """Concatenate encoded examples and cut the stream into blocks of `block_size` tokens.
+
+    Labels travel with their tokens, so only answer tokens stay trainable. The last block may be
+    shorter (the collator pads it). A block with no answer token has no loss and is left out.
+    """
+    input_ids = [token for example in examples for token in example["input_ids"]]
+    labels = [label for example in examples for label in example["labels"]]
+    blocks = []
+    for start in range(0, len(input_ids), block_size):
+        block_labels = labels[start: start + block_size]
+        if any(label != IGNORE_INDEX for label in block_labels):
+            blocks.append({"input_ids": input_ids[start: start + block_size],
+                           "labels": block_labels})
+    return blocks
+
+
+def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples into (B, T) `input_ids`, `attention_mask` and `labels` tensors.
+
+    Padding gets `pad_id`, attention 0 and label IGNORE_INDEX. Padding is found from the lengths,
+    never by comparing ids with `pad_id`, which may be the EOS that ends every answer.
+    """
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"], dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, :length] = torch.tensor(example["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# -- loss and evaluation --------------------------------------------------------------------------
+def sft_loss(model, batch: dict):
+    """Mean next-token loss over the answer tokens (the model shifts the labels)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                labels=batch["labels"])
+    return out.loss, {}
+
+
+def eval_answer_loss(model, examples: list[dict], train, pad_id: int, device) -> dict:
+    """Loss per answer token over up to `eval_batches` batches of held-out conversations."""
+    from pipeline.trainer import to_device
+
+    total, tokens = 0.0, 0
+    limit = train.eval_batches * train.batch_size
+    for start in range(0, min(len(examples), limit), train.batch_size):
+        batch = to_device(pad_batch(examples[start: start + train.batch_size], pad_id), device)
+        # The model averages over the predicted (shifted) answer tokens; weight by their count.
+        n_answer = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += sft_loss(model, batch)[0].float().item() * n_answer
+        tokens += n_answer
+    return {"eval_loss": total / max(tokens, 1)}
+
+
+def measure_gold(model, tokenizer, prompts: list[str], config: Config) -> dict:
+    """Greedy answers to the held-out prompts, scored by the world's gold scorer."""
+    from pipeline.generation import SamplingConfig, gold_eval
+
+    sampling = SamplingConfig(max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
+    return gold_eval(model, tokenizer, prompts, sampling, seed=config.seed)
+
+
+def describe_gold(gold: dict, gold_before: dict) -> str:
+    parts = []
+    for key in ("mean_gold_score", "format_adherence", "count_accuracy"):
+        if key not in gold:
+            continue
+        before = gold_before.get(f"gold_before/{key}")
+        parts.append(f"{key} {before:.3f} → {gold[key]:.3f}" if before is not None
+                     else f"{key} {gold[key]:.3f}")
+    return "sft: gold eval (before → after): " + ", ".join(parts)
