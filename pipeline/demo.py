@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; run `make demo` again to continue where it stopped", file=sys.stderr)
+        return 130
 
 
 def demo(overrides: list[str]) -> int:

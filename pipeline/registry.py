@@ -265,8 +265,21 @@ class Registry:
                            (json.dumps(summary, ensure_ascii=False), run_id))
 
     def claim(self, run_id: str) -> None:
-        """Mark an interrupted run as running again in this process (resume)."""
-        self.set_status(run_id, "running")
+        """Mark an interrupted run as running again in this process (resume).
+
+        Checked and set in one transaction: of two processes resuming the same run at once, the
+        second is refused instead of both writing its states.
+        """
+        with self._write() as db:
+            row = db.execute("SELECT pid, host, status FROM runs WHERE id = ?",
+                             (run_id,)).fetchone()
+            if row["status"] == "running" and row["pid"] != os.getpid() \
+                    and _process_alive(row["pid"], row["host"]):
+                raise UserError(f"run {run_id} is already running in process {row['pid']} on "
+                                f"{row['host']}; wait for it to finish, or pass --restart to "
+                                f"train a new run")
+            db.execute("UPDATE runs SET status = 'running', updated_at = ?, pid = ? WHERE id = ?",
+                       (time.time(), os.getpid(), run_id))
 
     def update_summary(self, run_id: str, values: dict) -> None:
         with self._write() as db:
@@ -298,7 +311,7 @@ class Registry:
     def publish(self, run_id: str, write_files, summary: dict | None = None) -> Path:
         """Write the run's model with `write_files(tmp_dir)`, commit it, and mark the run completed."""
         final = self.run_dir(run_id) / "model"
-        if final.exists():
+        if final.exists() and self.get(run_id).status != "completed":
             # An earlier attempt of this run was killed after committing its model but before
             # recording it here; nothing references that directory, and the rerun replaces it.
             shutil.rmtree(final)

@@ -128,6 +128,11 @@ class Models:
     value_model: TokenScorer | None
     value_head: ValueHead | None
 
+    @property
+    def critic(self) -> SafetensorsModule:
+        """Whichever of the value model and the value head is trained."""
+        return self.value_head if self.value_head is not None else self.value_model
+
     def reference_logits(self, sequences, attention_mask, response_width) -> torch.Tensor:
         if self.reference is not None:
             return response_logits(self.reference, sequences, attention_mask, response_width)[0]

@@ -349,16 +349,17 @@ def build_models(config: Config, inputs: Inputs, resume_dir: Path | None) -> Mod
         policy = (load_causal_lm(Resolved(str(resume_dir / "model")),
                                  trust_remote_code=config.runtime.trust_remote_code)
                   if resume_dir else start_policy).requires_grad_(True)  # a merged adapter froze it
-    reward_model = frozen(TokenScorer(inputs.reward_model))
     value_model = value_head = None
     if config.value.shared_backbone:
         value_head = ValueHead(policy.config.hidden_size)
-    else:
+    else:  # a trainable copy, made before the reward model is frozen
         value_model = TokenScorer(copy.deepcopy(inputs.reward_model).requires_grad_(True))
+    models = Models(policy=policy.eval(), reference=reference,
+                    reward_model=frozen(TokenScorer(inputs.reward_model)),
+                    value_model=value_model, value_head=value_head)
     if resume_dir is not None:
-        (value_head or value_model).load_pretrained(resume_dir / "value")
-    return Models(policy=policy.eval(), reference=reference, reward_model=reward_model,
-                  value_model=value_model.eval() if value_model else None, value_head=value_head)
+        models.critic.load_pretrained(resume_dir / "value")
+    return models
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -391,14 +392,14 @@ def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
 
 
-def build_optimizers(config: Config, models: Models):
+def build_optimizers(config: Config, models: Models, device: torch.device):
     """AdamW for the policy (with the value head when shared) and for the value model; each with
     the warmup + cosine schedule, stepped once per PPO step."""
     from pipeline.trainer import warmup_cosine
 
     train = config.train
     value_lr = config.value.lr or train.lr
-    fused = next(models.policy.parameters()).device.type == "cuda"
+    fused = device.type == "cuda"
 
     def adamw(groups):
         return torch.optim.AdamW(groups, weight_decay=train.weight_decay, betas=(0.9, 0.95),
@@ -443,10 +444,9 @@ class PPOTrainer:
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.ptx_blocks = ptx_blocks
         self.kl_controller = make_kl_controller(config)
-        optimizers, self.schedulers = build_optimizers(config, models)
+        optimizers, self.schedulers = build_optimizers(config, models, accelerator.device)
         # Distributed wrappers for the update; rollouts use the plain modules in `models`.
-        critic = models.value_head if models.value_head is not None else models.value_model
-        self.policy, self.critic, *prepared = accelerator.prepare(models.policy, critic,
+        self.policy, self.critic, *prepared = accelerator.prepare(models.policy, models.critic,
                                                                  *optimizers.values())
         self.optimizers = dict(zip(optimizers, prepared))
         for frozen_model in (models.reference, models.reward_model):
@@ -456,8 +456,7 @@ class PPOTrainer:
 
     def state(self) -> dict:
         """The keyword arguments of `StageRun.save_state` (which adds the RNG)."""
-        models = {"model": self.models.policy,
-                  "value": self.models.value_head or self.models.value_model}
+        models = {"model": self.models.policy, "value": self.models.critic}
         if self.ema is not None:
             models["ema"] = self.ema
         return {"models": models, "optimizers": self.optimizers, "schedulers": self.schedulers,

@@ -1,6 +1,6 @@
 """End to end: the tiny pipeline with few steps, killed (SIGKILL) during the reward stage and run
 again with the same command: pretrain and sft are reused, reward resumes from its committed state,
-ppo runs, and a third run does nothing. Then the report card of that pipeline.
+ppo runs, and a third run does nothing. Then the report card of that pipeline, and the demo.
 
 The pipeline built here is shared with test_chat.py and test_readme.py (`shared_pipeline`): it is
 the slow part, so it is built once per test session.
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import committed_state, kill_when, rlhf
+from conftest import ROOT, cli_env, committed_state, kill_when, rlhf
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +53,8 @@ def fast_overrides(stage: str | None = None) -> list[str]:
 
 @dataclass
 class PipelineOutcome:
+    """What the shared pipeline's three runs printed, and the registry it left."""
+
     home: Path
     killed_then_rerun: dict       # the JSON line of the run after the kill
     rerun_stderr: str
@@ -66,7 +71,8 @@ def shared_pipeline(tmp_path_factory) -> PipelineOutcome:
     if "outcome" not in _SHARED:
         home = tmp_path_factory.mktemp("pipeline") / "home"
         args = ("pipeline", "run", PIPELINE_YAML, *fast_overrides())
-        kill_when(home, args, committed_state(home, "reward", KILL_AT_REWARD_STEP))
+        # A generous deadline: on a busy machine pretrain and sft alone can take minutes.
+        kill_when(home, args, committed_state(home, "reward", KILL_AT_REWARD_STEP), timeout=1800)
         rerun = rlhf(home, *args)
         before = run_ids(home)
         third = rlhf(home, *args)
@@ -136,3 +142,19 @@ def test_report_renders_every_plot_as_a_png(outcome, tmp_path):
     assert all(0 <= gold["mean_gold_score"] <= 1 for gold in data["gold"].values())
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert f"| {stage} | {outcome.third_run['stages'][stage]['run']} | reused |" in markdown
+
+
+def test_demo_prints_the_report_gold_scores_and_a_conversation(outcome, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(outcome.home, home)  # the demo reruns the finished pipeline: all reused
+    result = subprocess.run([sys.executable, "-m", "pipeline.demo", *fast_overrides()], cwd=ROOT,
+                            env={**cli_env(), "RLHF_HOME": str(home)}, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    report = re.search(r"^report: (\S+)$", out, flags=re.M)
+    assert report and Path(report.group(1)).is_file()
+    for stage in ("pretrain", "sft", "ppo"):
+        assert re.search(rf"^  {stage} +\d\.\d{{3}} ", out, flags=re.M), stage
+    assert out.count("  you> ") == 2 and out.count("  assistant> ") == 2
+    assert "pipeline: rerunning finished" in result.stderr
