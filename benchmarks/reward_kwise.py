@@ -1,7 +1,7 @@
 """Benchmark: the reward stage's K-wise ranking loss against TRL's RewardTrainer on pairs.
 
-    python benchmarks/reward_kwise.py [--model sft:latest] [--home runs] [--epochs 1.2]
-                                      [--batch-prompts 8] [--threads 2]
+    python benchmarks/reward_kwise.py [--model sft:latest] [--home runs] [--epochs 1]
+                                      [--batch-prompts N] [--threads 2]
 
 Both train the same starting model (the same new score head too) on the same ranked data (the
 embedded world's reward_train.jsonl, K = 4 answers per prompt), with the same seed, passes over the
@@ -46,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--home", help="registry home holding --model (default: $RLHF_HOME or ./runs)")
     parser.add_argument("--config", default=str(ROOT / "configs/tiny/reward.yaml"),
                         help="reward config giving lr, schedule, max_length and the world")
-    parser.add_argument("--epochs", type=float, default=1.2, help="passes over the train prompts")
-    parser.add_argument("--batch-prompts", type=int, default=8, help="prompts per optimizer step")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the train prompts")
+    parser.add_argument("--batch-prompts", type=int, help="prompts per optimizer step (default: "
+                        "the config's train.batch_size)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for both")
     return parser.parse_args(argv)
 
@@ -58,19 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     registry = Registry(args.home)
     parent_path = checked_path(registry.resolve(args.model))
     config = load_config(Config, args.config, [
-        f"model.source={parent_path}", f"train.batch_size={args.batch_prompts}",
-        "train.eval_every=0", "normalize.answers=best_ranked"])
+        f"model.source={parent_path}", "train.eval_every=0", "normalize.answers=best_ranked"])
+    config.train.batch_size = args.batch_prompts or config.train.batch_size
     config.data.train_files, config.data.eval_files = data_files(config, registry)
     tokenizer = reward_tokenizer(parent_path)
     train_set, eval_set = load_splits(tokenizer, config.data.train_files, config.data.eval_files,
                                       config)
-    steps = math.ceil(args.epochs * len(train_set.rows) / args.batch_prompts)
+    steps = math.ceil(args.epochs * len(train_set.rows) / config.train.batch_size)
     config.train.max_steps = steps
     config.checkpoint.every_steps = steps  # no resume states: they are not part of the race
     n_pairs = sum(len(pairs_of(row["ranks"])) for row in train_set.rows)
     print(f"data: {len(train_set.rows)} train prompts ({n_pairs} ordered pairs), "
           f"{len(eval_set.rows)} eval prompts; {args.epochs} passes = {steps} optimizer steps of "
-          f"{args.batch_prompts} prompts; lr {config.train.lr}, seed {config.seed}, "
+          f"{config.train.batch_size} prompts; lr {config.train.lr}, seed {config.seed}, "
           f"{args.threads} threads", flush=True)
 
     kwise_seconds, kwise_accuracy = train_kwise(config, eval_set)

@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from huggingface_hub.utils import disable_progress_bars
+from transformers.utils import logging as transformers_logging
 
 import pipeline
 from pipeline.config import RuntimeConfig, StageConfig, config_hash, to_dict
@@ -32,8 +33,9 @@ from pipeline.errors import UserError
 from pipeline.registry import (Registry, Resolved, Run, commit_directory, list_states,
                                verify_directory)
 
-# Saving a checkpoint is not a long task worth its own bar; stage progress bars are ours.
+# Saving or loading a checkpoint is not a long task worth its own bar; stage progress bars are ours.
 disable_progress_bars()
+transformers_logging.disable_progress_bar()
 
 
 def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Accelerator:

@@ -187,7 +187,7 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 @torch.no_grad()
 def score_sequences(model, seqs: list[list[int]], batch_size: int = 32,
                     progress: bool = False) -> list[float]:
-    """Scores of encoded sequences, in their order; batches of similar lengths waste no compute."""
+    """Scores of encoded sequences, in their order. Batches group similar lengths (little padding)."""
     device = next(model.parameters()).device
     pad_id = model.config.pad_token_id
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -233,9 +233,21 @@ def encode_answers(tokenizer, prompts: list, responses: list[str], max_length: i
     return seqs, truncated
 
 
+def encode_ranked_row(tokenizer, row: dict, max_length: int,
+                      where: str) -> tuple[list[list[int]], int]:
+    """`encode_answers` for the answers of one ranked row; a bad text is reported at `where`
+    (file:line)."""
+    try:
+        return encode_answers(tokenizer, [row["prompt"]] * len(row["responses"]), row["responses"],
+                              max_length)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
 def score_texts(model, tokenizer, prompts: list, responses: list[str],
                 batch_size: int = 32) -> list[float]:
-    """Normalized scores of each (prompt, response) pair: prompt as text or chat messages."""
+    """The score of each (prompt, response) pair, the prompt as text or chat messages; normalized
+    when the model comes from `load_reward_model`."""
     seqs, _ = encode_answers(tokenizer, prompts, responses, context_length(model, tokenizer))
     return score_sequences(model, seqs, batch_size)
 
@@ -252,10 +264,9 @@ def cmd_score(args) -> int:
     model, tokenizer = load_reward_model(resolved)
     if args.data:
         report = score_ranked_file(model, tokenizer, args.data, args.worst)
+        scores_by_rank = report.pop("scores_by_rank")
         if args.plot:
-            plot_scores_by_rank(report.pop("scores_by_rank"), args.plot)
-        else:
-            report.pop("scores_by_rank")
+            plot_scores_by_rank(scores_by_rank, args.plot)
         print(json.dumps(report, ensure_ascii=False, indent=1) if args.json
               else format_ranked_report(args.data, report, args.plot))
         return 0
@@ -315,11 +326,7 @@ def score_ranked_file(model, tokenizer, path: str, n_worst: int) -> dict:
     max_length = context_length(model, tokenizer)
     seqs, truncated = [], 0
     for row in rows:
-        try:
-            row_seqs, cut = encode_answers(tokenizer, [row["prompt"]] * len(row["responses"]),
-                                           row["responses"], max_length)
-        except UserError as err:
-            raise UserError(f"{path}:{row['_line']}: {err}") from None
+        row_seqs, cut = encode_ranked_row(tokenizer, row, max_length, f"{path}:{row['_line']}")
         seqs += row_seqs
         truncated += cut
     flat = score_sequences(model, seqs, progress=True)

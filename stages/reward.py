@@ -239,15 +239,11 @@ def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
 
 def encode_rankings(tokenizer, rows: list[dict], data: DataSection, split: str) -> RankedSet:
     """Encode every answer as prompt + answer ending at its EOS, applying the truncation policy."""
-    from pipeline.scoring import encode_answers
+    from pipeline.scoring import encode_ranked_row
 
     ranked = RankedSet(read=len(rows))
     for row in rows:
-        try:
-            sequences, cut = encode_answers(tokenizer, [row["prompt"]] * len(row["responses"]),
-                                            row["responses"], data.max_length)
-        except UserError as err:
-            raise UserError(f"{row['_where']}: {err}") from None
+        sequences, cut = encode_ranked_row(tokenizer, row, data.max_length, row["_where"])
         if cut and data.truncation == "drop":
             ranked.dropped += 1
             continue

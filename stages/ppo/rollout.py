@@ -20,9 +20,10 @@ module found, never where the classifier's own pad-token search would look (pad 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from stages.ppo.trainer import Config
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+T = TypeVar("T")
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -175,6 +177,31 @@ class Experience:
                              else getattr(self, f.name) for f in fields(self)})
 
 
+def side_by_side(*tasks: Callable[[], T], workers: int) -> list[T]:
+    """Run independent model passes at the same time, up to `workers` threads; their results.
+
+    Meant for a CPU whose intra-op threads are set to 1 (see `PPOTrainer`): small models split
+    over several intra-op threads synchronize at every matrix multiply, which a CPU shared with
+    other work turns into waiting (measured here: 5-20x slower at 2 threads under load), while
+    passes through different models, one thread each, keep the cores busy without it. Each pass
+    computes exactly what it would alone, so results do not depend on the scheduling. The
+    workers inherit the caller's grad mode and CPU autocast (both are per thread).
+    """
+    if workers < 2 or len(tasks) < 2:
+        return [task() for task in tasks]
+    grad_enabled = torch.is_grad_enabled()
+    autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+
+    def in_callers_mode(task: Callable[[], T]) -> T:
+        with torch.set_grad_enabled(grad_enabled), \
+                torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
+            return task()
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        futures = [pool.submit(in_callers_mode, task) for task in tasks]
+        return [future.result() for future in futures]
+
+
 @torch.no_grad()
 def sample(policy, prompts: list[list[int]], config: Config, eos_token_id: int, pad_token_id: int):
     """Sample one answer per prompt with the KV cache.
@@ -204,12 +231,13 @@ def sample(policy, prompts: list[list[int]], config: Config, eos_token_id: int, 
 def make_experience(models: Models, prompts: list[list[int]], config: Config, kl_coef: float, *,
                     eos_token_id: int, pad_token_id: int,
                     sum_over_processes: Callable[[torch.Tensor], torch.Tensor],
-                    timings: dict[str, float]) -> Experience:
+                    timings: dict[str, float], workers: int = 1) -> Experience:
     """Roll out `prompts` (this process's share of the batch) and compute advantages and returns.
 
     `sum_over_processes` sums a tensor over every process, so advantages (and rewards, when
-    whitened) are normalized with the statistics of the whole batch. `timings` receives the
-    seconds spent generating (`time_generate`) and scoring (`time_score`).
+    whitened) are normalized with the statistics of the whole batch. The reference, value and
+    reward passes run on up to `workers` threads (`side_by_side`). `timings` receives the seconds
+    spent generating (`time_generate`) and scoring (`time_score`).
     """
     import time
 
@@ -225,14 +253,18 @@ def make_experience(models: Models, prompts: list[list[int]], config: Config, kl
     timings["time_generate"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    ref_logits = models.reference_logits(sequences, attention_mask, width)
-    ref_logprobs = logprobs_from_logits(ref_logits, responses, temperature)
-    del ref_logits
-    values = rollout_values(models, sequences, attention_mask, width)
     # The reward model reads the whole answer at its EOS (or its last token if it never ended).
     eos_positions = sequences.shape[1] - width + last_valid_index(mask)
-    rm_scores = models.reward_model(sequences, attention_mask)[torch.arange(len(prompts)),
-                                                               eos_positions]
+    # With LoRA and a value head, the reference pass (adapter disabled) and the value pass go
+    # through the same module, so they must not overlap.
+    shares_policy = models.reference is None and models.value_head is not None
+    ref_logprobs, values, rm_scores = side_by_side(
+        lambda: logprobs_from_logits(models.reference_logits(sequences, attention_mask, width),
+                                     responses, temperature),
+        lambda: rollout_values(models, sequences, attention_mask, width),
+        lambda: models.reward_model(sequences, attention_mask)[torch.arange(len(prompts)),
+                                                               eos_positions],
+        workers=1 if shares_policy else workers)
     ended = ended_with_eos(responses, eos_token_id)
     penalty = config.reward.missing_eos_penalty
     scores = rm_scores if penalty is None else torch.where(ended, rm_scores,

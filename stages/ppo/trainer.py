@@ -40,6 +40,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -55,7 +56,7 @@ from pipeline.sources import WorldSection, world_file
 from stages.ppo.losses import (AdaptiveKLController, FixedKLController, KLController,
                                explained_variance, logprobs_from_logits, policy_loss, value_loss)
 from stages.ppo.rollout import (Experience, Models, SafetensorsModule, TokenScorer, ValueHead,
-                                critic_values, make_experience, response_logits)
+                                critic_values, make_experience, response_logits, side_by_side)
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -109,6 +110,10 @@ class PPOSection(Section):
     gamma: float = Field(1.0, ge=0, le=1, description="discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
     whiten_rewards: bool = Field(False, description="scale rewards to unit variance before GAE")
+    side_by_side: bool = Field(True, description="on a CPU, one intra-op thread per model pass and "
+                               "independent passes (reference, value, reward; policy and value "
+                               "updates) at the same time, instead of every pass on all threads: "
+                               "faster for small models and on shared CPUs")
 
 
 class ValueSection(Section):
@@ -402,8 +407,9 @@ def build_optimizers(config: Config, models: Models, device: torch.device):
     fused = device.type == "cuda"
 
     def adamw(groups):
+        # foreach on a CPU too: one call per step instead of one per tensor.
         return torch.optim.AdamW(groups, weight_decay=train.weight_decay, betas=(0.9, 0.95),
-                                 eps=1e-5, fused=fused)
+                                 eps=1e-5, fused=fused, foreach=not fused)
 
     policy_group = {"params": [param for _, param in trainable(models.policy)], "lr": train.lr}
     if models.value_head is not None:
@@ -422,6 +428,17 @@ def make_kl_controller(config: Config) -> KLController:
     if config.kl.adaptive:
         return AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon)
     return FixedKLController(config.kl.coef)
+
+
+@contextmanager
+def intra_op_threads(count: int):
+    """Run the block with `count` intra-op threads (threads started inside it get that count)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def step_seed(seed: int, step: int, process: int) -> int:
@@ -453,6 +470,9 @@ class PPOTrainer:
             if frozen_model is not None:
                 frozen_model.to(accelerator.device)
         self.ema = PolicyEMA(models.policy, config.ema.decay) if config.ema.decay > 0 else None
+        # Threads for passes side by side (each with one intra-op thread); 1 = the usual way.
+        on_cpu = accelerator.device.type == "cpu"
+        self.workers = torch.get_num_threads() if config.ppo.side_by_side and on_cpu else 1
 
     def state(self) -> dict:
         """The keyword arguments of `StageRun.save_state` (which adds the RNG)."""
@@ -475,13 +495,14 @@ class PPOTrainer:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         kl_coef = self.kl_controller.value
-        with accelerator.autocast():
-            experience = make_experience(
-                self.models, prompts, self.config, kl_coef, eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id, timings=timings,
-                sum_over_processes=lambda tensor: accelerator.reduce(tensor, "sum"))
-        update_started = time.perf_counter()
-        losses = self.update(experience, step)
+        with intra_op_threads(1 if self.workers > 1 else torch.get_num_threads()):
+            with accelerator.autocast():
+                experience = make_experience(
+                    self.models, prompts, self.config, kl_coef, eos_token_id=self.eos_token_id,
+                    pad_token_id=self.pad_token_id, timings=timings, workers=self.workers,
+                    sum_over_processes=lambda tensor: accelerator.reduce(tensor, "sum"))
+            update_started = time.perf_counter()
+            losses = self.update(experience, step)
         for scheduler in self.schedulers.values():
             scheduler.step()
         timings["time_update"] = time.perf_counter() - update_started
@@ -503,10 +524,9 @@ class PPOTrainer:
         for _ in range(ppo.epochs):
             for minibatch in torch.randperm(len(experience)).chunk(ppo.minibatches):
                 for rows in minibatch.chunk(accum):
-                    stats = self.backward(experience.rows(rows), scale=1.0 / accum)
-                    if self.ptx_blocks is not None:
-                        stats["ptx_loss"] = self.ptx_backward(step * micro_per_step + micro,
-                                                              scale=1.0 / accum)
+                    ptx_index = step * micro_per_step + micro if self.ptx_blocks is not None \
+                        else None
+                    stats = self.backward(experience.rows(rows), 1.0 / accum, ptx_index)
                     for name, value in stats.items():
                         totals[name] += float(value)
                     micro += 1
@@ -515,25 +535,58 @@ class PPOTrainer:
                              device=self.accelerator.device)
         return dict(zip(totals, self.accelerator.reduce(local, "mean").tolist()))
 
-    def backward(self, batch: Experience, scale: float) -> dict[str, torch.Tensor]:
-        """Clipped policy loss + value_coef · clipped value loss on one micro-batch; backward."""
-        ppo = self.config.ppo
-        width = batch.response_width
-        shared = self.models.value_head is not None
+    def backward(self, batch: Experience, scale: float, ptx_index: int | None) -> dict:
+        """Backpropagate one micro-batch: the clipped policy loss (+ PPO-ptx) and value_coef × the
+        clipped value loss. A value head shares the policy's forward and backward pass; a separate
+        value model's pass runs beside the policy's (`side_by_side`; one process only, since two
+        threads could issue the processes' gradient all-reduces in different orders)."""
+        if self.models.value_head is None:
+            policy_stats, value_stats = side_by_side(
+                lambda: self.policy_backward(batch, scale, ptx_index),
+                lambda: self.value_backward(batch, scale),
+                workers=self.workers if self.accelerator.num_processes == 1 else 1)
+            return {**policy_stats, **value_stats}
         with self.accelerator.autocast():
             logits, hidden = response_logits(self.policy, batch.sequences, batch.attention_mask,
-                                             width, with_hidden=shared)
-            logprobs = logprobs_from_logits(logits, batch.responses,
-                                            self.config.generation.temperature)
-            pg_loss, pg_stats = policy_loss(logprobs, batch.logprobs, batch.advantages,
-                                            batch.response_mask, ppo.clip_eps)
-            values = (self.critic(hidden) if shared else
-                      critic_values(self.critic, batch.sequences, batch.attention_mask, width))
-            vf_loss, vf_stats = value_loss(values, batch.values, batch.returns,
-                                           batch.response_mask, ppo.value_clip_eps)
-        self.accelerator.backward((pg_loss + ppo.value_coef * vf_loss) * scale)
-        return {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
-                **pg_stats, **vf_stats}
+                                             batch.response_width, with_hidden=True)
+            pg_loss, stats = self.policy_objective(batch, logits)
+            vf_loss, value_stats = self.value_objective(batch, self.critic(hidden))
+        self.accelerator.backward((pg_loss + self.config.ppo.value_coef * vf_loss) * scale)
+        stats.update(value_stats)
+        if ptx_index is not None:
+            stats["ptx_loss"] = self.ptx_backward(ptx_index, scale)
+        return stats
+
+    def policy_backward(self, batch: Experience, scale: float, ptx_index: int | None) -> dict:
+        with self.accelerator.autocast():
+            logits, _ = response_logits(self.policy, batch.sequences, batch.attention_mask,
+                                        batch.response_width)
+            pg_loss, stats = self.policy_objective(batch, logits)
+        self.accelerator.backward(pg_loss * scale)
+        if ptx_index is not None:
+            stats["ptx_loss"] = self.ptx_backward(ptx_index, scale)
+        return stats
+
+    def value_backward(self, batch: Experience, scale: float) -> dict:
+        with self.accelerator.autocast():
+            values = critic_values(self.critic, batch.sequences, batch.attention_mask,
+                                   batch.response_width)
+            vf_loss, stats = self.value_objective(batch, values)
+        self.accelerator.backward(self.config.ppo.value_coef * vf_loss * scale)
+        return stats
+
+    def policy_objective(self, batch: Experience, logits: torch.Tensor):
+        """(clipped policy loss, its statistics) from the (B, T, V) logits of the response."""
+        logprobs = logprobs_from_logits(logits, batch.responses, self.config.generation.temperature)
+        loss, stats = policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask,
+                                  self.config.ppo.clip_eps)
+        return loss, {"policy_loss": loss.detach(), **stats}
+
+    def value_objective(self, batch: Experience, values: torch.Tensor):
+        """(clipped value loss, its statistics) from the (B, T) values of the states."""
+        loss, stats = value_loss(values, batch.values, batch.returns, batch.response_mask,
+                                 self.config.ppo.value_clip_eps)
+        return loss, {"value_loss": loss.detach(), **stats}
 
     def ptx_backward(self, index: int, scale: float) -> float:
         """PPO-ptx: ptx.coef × next-token loss on the `index`-th batch of pretraining blocks.

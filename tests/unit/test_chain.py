@@ -155,6 +155,8 @@ def test_digest_ignores_checkpoint_cadence_but_not_training():
 # -- chaining, with stand-in stages ---------------------------------------------------------------
 def write_fake_model(directory: Path) -> None:
     (directory / "config.json").write_text('{"model_type": "llama"}')
+
+
 class FakeStages:
     """Stages that publish a fake model at once; `fail` makes one raise before publishing, and
     `calls` records each call's stage and parents."""

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from stages.ppo.losses import logprobs_from_logits, masked_mean
 from stages.ppo.rollout import (Models, TokenScorer, ValueHead, make_experience, positions,
-                                response_logits, sample)
+                                response_logits, sample, side_by_side)
 from stages.ppo.trainer import Config, PolicyEMA, PPOTrainer, step_seed
 
 EOS, PAD, VOCAB = 0, 1, 24
@@ -185,6 +185,23 @@ def test_trainer_steps_are_deterministic_and_move_every_policy_weight(shared_bac
     for name in first:
         assert torch.equal(first[name], second[name]), f"{name} differs between equal runs"
         assert not torch.equal(first[name], initial[name]), f"{name} never updated"
+
+
+def test_side_by_side_keeps_order_grad_mode_and_autocast():
+    def mode():
+        return torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        results = side_by_side(mode, mode, lambda: "third", workers=3)
+    assert results == [(False, True), (False, True), "third"]
+    assert side_by_side(mode, lambda: 2, workers=2) == [(True, False), 2]
+
+
+def test_passes_side_by_side_train_like_passes_in_turn():
+    _, in_turn = trained_weights(False, ppo={"side_by_side": False})
+    _, beside = trained_weights(False, ppo={"side_by_side": True})
+    for name in in_turn:
+        torch.testing.assert_close(beside[name], in_turn[name], rtol=1e-4, atol=1e-5)
 
 
 def test_step_seed_depends_on_seed_step_and_process():
