@@ -83,7 +83,7 @@ def main() -> int:
     totals = {"time_generate": 0.0, "time_score": 0.0, "time_update": 0.0}
     started = time.perf_counter()
     for step in range(steps):
-        metrics, _ = trainer.step(step, prompts[step * BATCH:(step + 1) * BATCH])
+        metrics, _ = trainer.step(step, prompts[step * BATCH:(step + 1) * BATCH], range(BATCH))
         assert metrics["response_length"] == ANSWER_TOKENS, metrics["response_length"]
         for name in totals:
             totals[name] += metrics[name]

@@ -67,11 +67,16 @@ def fit(stage_run: StageRun, model, tokenizer, *,
         loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
         eval_fn: Callable[[torch.nn.Module], dict] | None = None,
         tokens_in: Callable[[dict], int] = lambda batch: 0,
+        items_in: Callable[[dict], int] | None = None,
         desc: str = "train") -> dict:
     """Train to `train.max_steps`, saving resume states; returns the final eval metrics.
 
     `batches_for_step(step)` → [(example_indices, batch_tensors), ...], one per micro-batch.
     `loss_fn(model, batch)` → (loss, metrics to average over the step).
+    `items_in(batch)`: how many items (answer tokens, say) a micro-batch's loss is the mean of.
+    Given, each micro-batch weighs by its share of the items of the whole global batch, so the
+    step's loss is the mean over all of them, however they are split into micro-batches and
+    processes; without it, every micro-batch weighs the same.
     """
     accelerator = stage_run.accelerator
     train = stage_run.config.train
@@ -84,15 +89,16 @@ def fit(stage_run: StageRun, model, tokenizer, *,
     for step in range(stage_run.start_step, train.max_steps):
         started = time.perf_counter()
         micro = batches_for_step(step)
+        weights = micro_batch_weights(accelerator, [batch for _, batch in micro], items_in)
         sums: dict[str, float] = {}
         tokens = 0
         for i, (indices, batch) in enumerate(micro):
             sync = i == len(micro) - 1
             with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
                 loss, metrics = loss_fn(model, to_device(batch, accelerator.device))
-                accelerator.backward(loss / len(micro))
+                accelerator.backward(loss * weights[i])
             for name, value in {"loss": loss.detach(), **metrics}.items():
-                sums[name] = sums.get(name, 0.0) + value / len(micro)
+                sums[name] = sums.get(name, 0.0) + value * weights[i]
             tokens += tokens_in(batch)
         if train.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
@@ -112,15 +118,29 @@ def fit(stage_run: StageRun, model, tokenizer, *,
         bar.update(1)
         if eval_fn and train.eval_every and (step + 1) % train.eval_every == 0 \
                 and step + 1 < train.max_steps:
-            stage_run.log(step + 1, evaluate(model, eval_fn))
+            stage_run.log(step + 1, evaluate(accelerator.unwrap_model(model), eval_fn))
         if (step + 1) % stage_run.config.checkpoint.every_steps == 0 and step + 1 < train.max_steps:
             stage_run.save_state(step + 1, models={"model": model}, optimizers={"main": optimizer},
                                  schedulers={"main": scheduler}, extra={}, tokenizer=tokenizer)
     bar.close()
-    final = evaluate(model, eval_fn) if eval_fn else {}
+    final = evaluate(accelerator.unwrap_model(model), eval_fn) if eval_fn else {}
     if final:
         stage_run.log(train.max_steps, final)
     return final
+
+
+def micro_batch_weights(accelerator, batches: list[dict],
+                        items_in: Callable[[dict], int] | None) -> list[float]:
+    """The factor of each micro-batch's mean loss: its items over the global batch's items, times
+    the number of processes (whose gradients are averaged, not summed)."""
+    if items_in is None:
+        return [1.0 / len(batches)] * len(batches)
+    counts = [items_in(batch) for batch in batches]
+    total = torch.tensor(float(sum(counts)), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    total_items = max(total.item(), 1.0)
+    return [count * accelerator.num_processes / total_items for count in counts]
 
 
 def mean_over_processes(accelerator, sums: dict) -> dict[str, float]:
@@ -134,6 +154,7 @@ def mean_over_processes(accelerator, sums: dict) -> dict[str, float]:
 
 
 def evaluate(model, eval_fn) -> dict:
+    """`eval_fn(model)` in eval mode without gradients (`model` unwrapped: no DDP forward hooks)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -60,26 +60,29 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     from pipeline.data import fingerprint_files, read_text_corpus
     from pipeline.runtime import StageRun
 
-    paths = corpus_paths(config, registry)
-    texts = read_text_corpus(paths, text_field=config.data.text_field)
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)} if config.model.source else {}
+    # Load the model to continue before anything is written (the world's files, the run): a bad
+    # source leaves the home as it was.
+    source = _load_source(config, parents["model"]) if "model" in parents else None
+    paths = corpus_paths(config, registry)
+    texts = read_text_corpus(paths, text_field=config.data.text_field)
     stage_run = StageRun.open("pretrain", config, registry, parents=parents,
                               data_fingerprint=fingerprint_files(paths), restart=restart,
                               pipeline_id=pipeline_id)
     if stage_run.reused:
         return stage_run.run
     try:
-        return _train(stage_run, config, texts, parents)
+        return _train(stage_run, config, texts, source)
     except BaseException as err:
         stage_run.fail("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
         raise
 
 
-def _train(stage_run, config: Config, texts: list[str], parents: dict[str, Resolved]) -> Run:
+def _train(stage_run, config: Config, texts: list[str], source: tuple | None) -> Run:
     from pipeline.trainer import fit, micro_batch_indices
 
-    tokenizer, model = _tokenizer_and_model(stage_run, config, texts, parents)
+    tokenizer, model = _tokenizer_and_model(stage_run, config, texts, source)
     blocks = pack_blocks(texts, tokenizer, config.data.seq_len)
     n_eval = max(1, int(len(blocks) * config.data.eval_fraction))
     if len(blocks) - n_eval < 1:
@@ -105,18 +108,27 @@ def _train(stage_run, config: Config, texts: list[str], parents: dict[str, Resol
     return stage_run.registry.get(stage_run.run.id)
 
 
-def _tokenizer_and_model(stage_run, config: Config, texts: list[str], parents):
-    from pipeline.models import PRESETS, build_from_preset, load_causal_lm
+def _load_source(config: Config, resolved: Resolved) -> tuple:
+    """(tokenizer, model) of a checkpoint to continue pretraining."""
+    from pipeline.models import load_causal_lm
+    from pipeline.tokenizer import load_tokenizer
+
+    trust = config.runtime.trust_remote_code
+    return (load_tokenizer(resolved.path, trust_remote_code=trust),
+            load_causal_lm(resolved, trust_remote_code=trust))
+
+
+def _tokenizer_and_model(stage_run, config: Config, texts: list[str], source: tuple | None):
+    """The resume state's tokenizer and model, else `source`, else new ones from the preset."""
+    from pipeline.models import PRESETS, build_from_preset
     from pipeline.tokenizer import load_tokenizer, train_tokenizer
 
     resume_dir = stage_run.state_model_dir()
-    trust = config.runtime.trust_remote_code
     if resume_dir is not None:
-        source = Resolved(str(resume_dir))
-        return load_tokenizer(source.path), load_causal_lm(source, trust_remote_code=trust)
-    if "model" in parents:
-        tokenizer = load_tokenizer(parents["model"].path, trust_remote_code=trust)
-        return tokenizer, load_causal_lm(parents["model"], trust_remote_code=trust)
+        return _load_source(config, Resolved(str(resume_dir)))
+    if source is not None:
+        return source
+    trust = config.runtime.trust_remote_code
     if config.tokenizer.path:
         tokenizer = load_tokenizer(config.tokenizer.path, trust_remote_code=trust)
     else:

@@ -153,7 +153,8 @@ def _train(stage_run, config: Config, tokenizer, train_set: EncodedSplit,
 
     final = fit(stage_run, model, tokenizer, batches_for_step=batches_for_step, loss_fn=sft_loss,
                 eval_fn=eval_fn if eval_set else None,
-                tokens_in=lambda batch: int(batch["attention_mask"].sum()), desc="sft")
+                tokens_in=lambda batch: int(batch["attention_mask"].sum()),
+                items_in=answer_tokens, desc="sft")
     if "eval_loss" in final:
         stage_run.say(f"sft: eval loss {final['eval_loss']:.4f} on the answers")
     summary = {**final, **counts, **gold_before}
@@ -356,6 +357,11 @@ def sft_loss(model, batch: dict):
     return out.loss, {}
 
 
+def answer_tokens(batch: dict) -> int:
+    """The answer tokens `sft_loss` averages over (labels are shifted by one inside the model)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def eval_answer_loss(model, examples: list[dict], train, pad_id: int, device) -> dict:
     """Loss per answer token over up to `eval_batches` batches of held-out conversations."""
     from pipeline.trainer import to_device
@@ -364,8 +370,7 @@ def eval_answer_loss(model, examples: list[dict], train, pad_id: int, device) ->
     limit = train.eval_batches * train.batch_size
     for start in range(0, min(len(examples), limit), train.batch_size):
         batch = to_device(pad_batch(examples[start: start + train.batch_size], pad_id), device)
-        # The model averages over the predicted (shifted) answer tokens; weight by their count.
-        n_answer = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        n_answer = answer_tokens(batch)  # the model's loss is their mean: weigh by their count
         total += sft_loss(model, batch)[0].float().item() * n_answer
         tokens += n_answer
     return {"eval_loss": total / max(tokens, 1)}

@@ -32,6 +32,7 @@ from pipeline.tokenizer import left_pad
 from stages.ppo.losses import (ended_with_eos, entropy_from_logits, gae, kl_k1, kl_k3,
                                last_valid_index, logprobs_from_logits, masked_whiten,
                                per_token_rewards, response_mask_after_eos)
+from stages.ppo.sampling import episode_sampler
 
 if TYPE_CHECKING:
     from stages.ppo.trainer import Config
@@ -203,8 +204,10 @@ def side_by_side(*tasks: Callable[[], T], workers: int) -> list[T]:
 
 
 @torch.no_grad()
-def sample(policy, prompts: list[list[int]], config: Config, eos_token_id: int, pad_token_id: int):
-    """Sample one answer per prompt with the KV cache.
+def sample(policy, prompts: list[list[int]], keys: torch.Tensor, config: Config, eos_token_id: int,
+           pad_token_id: int):
+    """Sample one answer per prompt with the KV cache, each drawn with its episode's key
+    (`stages.ppo.sampling`).
 
     Returns (sequences (B, L), attention_mask (B, L), response_mask (B, T), logits (B, T, V)): the
     raw logits the sampler drew each token from (before temperature and top-k/top-p).
@@ -212,9 +215,11 @@ def sample(policy, prompts: list[list[int]], config: Config, eos_token_id: int, 
     generation = config.generation
     device = next(policy.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
+    sampler = episode_sampler(keys, prompt_ids.shape[1], generation.temperature, generation.top_k,
+                              generation.top_p)
+    # Greedy decoding over the sampler's noisy scores is sampling (the Gumbel-max trick).
     out = policy.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-        temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p,
+        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, logits_processor=sampler,
         max_new_tokens=generation.max_new_tokens, min_new_tokens=generation.min_new_tokens,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
         output_logits=True, return_dict_in_generate=True)
@@ -228,11 +233,13 @@ def sample(policy, prompts: list[list[int]], config: Config, eos_token_id: int, 
 
 
 @torch.no_grad()
-def make_experience(models: Models, prompts: list[list[int]], config: Config, kl_coef: float, *,
+def make_experience(models: Models, prompts: list[list[int]], keys: torch.Tensor, config: Config,
+                    kl_coef: float, *,
                     eos_token_id: int, pad_token_id: int,
                     sum_over_processes: Callable[[torch.Tensor], torch.Tensor],
                     timings: dict[str, float], workers: int = 1) -> Experience:
-    """Roll out `prompts` (this process's share of the batch) and compute advantages and returns.
+    """Roll out `prompts` (this process's share of the batch; `keys` are their episodes' sampling
+    keys) and compute advantages and returns.
 
     `sum_over_processes` sums a tensor over every process, so advantages (and rewards, when
     whitened) are normalized with the statistics of the whole batch. The reference, value and
@@ -242,7 +249,7 @@ def make_experience(models: Models, prompts: list[list[int]], config: Config, kl
     import time
 
     started = time.perf_counter()
-    sequences, attention_mask, mask, logits = sample(models.policy, prompts, config,
+    sequences, attention_mask, mask, logits = sample(models.policy, prompts, keys, config,
                                                      eos_token_id, pad_token_id)
     width = mask.shape[1]
     responses = sequences[:, -width:]

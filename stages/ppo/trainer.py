@@ -38,12 +38,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ from stages.ppo.losses import (AdaptiveKLController, FixedKLController, KLContro
                                explained_variance, logprobs_from_logits, policy_loss, value_loss)
 from stages.ppo.rollout import (Experience, Models, SafetensorsModule, TokenScorer, ValueHead,
                                 critic_values, make_experience, response_logits, side_by_side)
+from stages.ppo.sampling import episode_keys
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -488,9 +490,14 @@ class PPOTrainer:
         if self.ema is not None:
             self.ema.load_pretrained(resume_dir / "ema")
 
-    def step(self, step: int, prompts: list[list[int]]) -> tuple[dict[str, float], Experience]:
-        """Roll out this process's `prompts`, update policy and value; the step's metrics."""
+    def step(self, step: int, prompts: list[list[int]],
+             episodes: Sequence[int]) -> tuple[dict[str, float], Experience]:
+        """Roll out this process's `prompts`, update policy and value; the step's metrics.
+
+        `episodes`: the prompts' positions in the step's global batch, which key their sampling.
+        """
         accelerator = self.accelerator
+        keys = episode_keys(self.config.seed, step, episodes)
         torch.manual_seed(step_seed(self.config.seed, step, accelerator.process_index))
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -498,7 +505,8 @@ class PPOTrainer:
         with intra_op_threads(1 if self.workers > 1 else torch.get_num_threads()):
             with accelerator.autocast():
                 experience = make_experience(
-                    self.models, prompts, self.config, kl_coef, eos_token_id=self.eos_token_id,
+                    self.models, prompts, keys, self.config, kl_coef,
+                    eos_token_id=self.eos_token_id,
                     pad_token_id=self.pad_token_id, timings=timings, workers=self.workers,
                     sum_over_processes=lambda tensor: accelerator.reduce(tensor, "sum"))
             update_started = time.perf_counter()
@@ -659,8 +667,8 @@ def _train(stage_run, config: Config, inputs: Inputs) -> Run:
     samples.drop_after(stage_run.start_step)
     bar = stage_run.progress(train.max_steps, "ppo")
     for step in range(stage_run.start_step, train.max_steps):
-        rows = prompt_rows(config, stage_run.accelerator, len(inputs.prompts), step)
-        metrics, experience = trainer.step(step, [inputs.prompts[i] for i in rows])
+        rows, episodes = batch_share(config, stage_run.accelerator, len(inputs.prompts), step)
+        metrics, experience = trainer.step(step, [inputs.prompts[i] for i in rows], episodes)
         done = step + 1
         if done % train.log_every == 0 or done == train.max_steps:
             stage_run.log(done, metrics)
@@ -686,13 +694,16 @@ def _train(stage_run, config: Config, inputs: Inputs) -> Run:
     return stage_run.registry.get(stage_run.run.id)
 
 
-def prompt_rows(config: Config, accelerator, n_prompts: int, step: int) -> np.ndarray:
-    """This process's prompt indices at `step`: a function of (seed, step) alone."""
+def batch_share(config: Config, accelerator, n_prompts: int,
+                step: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's share of the global batch at `step`, a function of (seed, step) alone: its
+    prompt indices and their positions in the batch."""
     from pipeline.trainer import step_indices
 
     procs = accelerator.num_processes
     batch = step_indices(n_prompts, step, config.train.batch_size * procs, config.seed)
-    return batch[accelerator.process_index::procs]
+    positions = np.arange(len(batch))[accelerator.process_index::procs]
+    return batch[positions], positions
 
 
 def describe_setup(config: Config, inputs: Inputs, models: Models) -> str:
@@ -749,9 +760,18 @@ class SamplesFile:
         """A resumed run writes the samples after its resume step again: drop the old ones."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        kept = []
+        # errors="replace": a kill mid-write may have cut a character as well as a line.
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # the partial last line of a write that a kill cut short
+                continue
+            if row["step"] <= step:
+                kept.append(line)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, self.path)  # a kill now leaves the old file or the new one
 
     def write(self, step: int, experience: Experience, prompts: list, tokenizer, count: int) -> None:
         if not self.enabled:

@@ -53,14 +53,6 @@ def rlhf(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 # -- the tiny stage runs --------------------------------------------------------------------------
-def stage_ready(stage: str) -> bool:
-    """True when the stage's module exists in this checkout (stages may be added one by one)."""
-    try:
-        return importlib.util.find_spec(STAGES[stage].module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 # The first rows of each file of the embedded world: enough for a few training steps, and small
 # enough that loading, encoding and evaluating take a fraction of a second.
 TINY_DATA_ROWS = {"pretrain.jsonl": 400, "sft_train.jsonl": 64, "sft_eval.jsonl": 8,
@@ -364,10 +356,6 @@ def file_digests(home: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `home`."""
     return {str(path.relative_to(home)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted(home.rglob("*")) if path.is_file()}
-
-
-def available_stages() -> list[str]:
-    return [stage for stage in STAGES if stage_ready(stage)]
 
 
 def copy_home(source: Path, target: Path) -> Path:

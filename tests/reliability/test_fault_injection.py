@@ -12,8 +12,8 @@ import sqlite3
 
 import pytest
 
-from faults import (KillPoint, available_stages, copy_home, kill_trial, registry_problems,
-                    result_problems, rlhf, run_and_kill, stage_ready)
+from faults import (STAGES, KillPoint, copy_home, kill_trial, registry_problems,
+                    result_problems, rlhf, run_and_kill)
 from pipeline.config import CheckpointConfig, StageConfig
 from pipeline.registry import Registry, commit_directory, list_states
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.reliability
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("stage", available_stages())
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_killed_while_writing_a_checkpoint_then_rerun_matches_uninterrupted(stage, chain, tmp_path):
     reference = chain.reference(stage)
     # Which resume state (of the two the tiny run commits) is being written when the kill lands.
@@ -53,10 +53,6 @@ def test_killed_after_committing_its_model_before_registering_it(chain, tmp_path
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(not stage_ready("ppo"), reason="no ppo stage yet")
-@pytest.mark.xfail(strict=True, reason="stages/ppo/trainer.py SamplesFile: a kill while appending "
-                   "to samples.jsonl leaves a partial last line, and drop_after's json.loads of it "
-                   "fails on every rerun (JSONDecodeError traceback)")
 def test_ppo_resumes_when_a_kill_cut_its_samples_file_short(chain, tmp_path):
     reference = chain.reference("ppo")
     home = tmp_path / "home"

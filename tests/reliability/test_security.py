@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faults import ROOT, available_stages
+from faults import ROOT, STAGES
 from pipeline.config import RuntimeConfig, remote_code_warning
 from pipeline.errors import UserError
 from pipeline.registry import Registry, check_name, sha256_file
@@ -131,7 +131,7 @@ def test_remote_code_is_off_by_default():
 
 
 # -- what the tools write -------------------------------------------------------------------------
-@pytest.mark.parametrize("stage", available_stages())
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_checkpoints_hold_weights_only_as_safetensors(stage, chain):
     home = chain.reference(stage).home
     published = [path for path in home.glob("runs/*/model/**/*") if path.is_file()]

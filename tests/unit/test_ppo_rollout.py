@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from stages.ppo.losses import logprobs_from_logits, masked_mean
 from stages.ppo.rollout import (Models, TokenScorer, ValueHead, make_experience, positions,
                                 response_logits, sample, side_by_side)
+from stages.ppo.sampling import episode_keys
 from stages.ppo.trainer import Config, PolicyEMA, PPOTrainer, step_seed
 
 EOS, PAD, VOCAB = 0, 1, 24
@@ -58,8 +59,7 @@ def tiny_models(shared_backbone: bool = False) -> Models:
 
 
 def rollout(models: Models, config: Config, seed: int = 0):
-    torch.manual_seed(seed)
-    return make_experience(models, PROMPTS, config, config.kl.coef, eos_token_id=EOS,
+    return make_experience(models, PROMPTS, episode_keys(seed, 0, range(len(PROMPTS))), config, config.kl.coef, eos_token_id=EOS,
                            pad_token_id=PAD, sum_over_processes=lambda tensor: tensor, timings={})
 
 
@@ -81,7 +81,7 @@ def gpt2_lm(seed: int):
 def test_recomputed_logprobs_match_sampling_with_left_padding(make_policy):
     policy = make_policy(0)
     torch.manual_seed(0)
-    sequences, attention_mask, mask, logits = sample(policy, PROMPTS, ppo_config(), EOS, PAD)
+    sequences, attention_mask, mask, logits = sample(policy, PROMPTS, episode_keys(0, 0, range(len(PROMPTS))), ppo_config(), EOS, PAD)
     width = mask.shape[1]
     responses = sequences[:, -width:]
     valid = mask.bool()
@@ -107,7 +107,7 @@ def test_recomputed_logprobs_match_sampling_with_left_padding(make_policy):
 def test_experience_masks_scores_and_zero_kl_against_an_identical_reference():
     models = tiny_models()
     config = ppo_config(generation={"max_new_tokens": 12})
-    experience = rollout(models, config)
+    experience = rollout(models, config, seed=1)
     responses, mask = experience.responses, experience.response_mask
     for row in range(len(experience)):
         tokens = responses[row].tolist()
@@ -166,7 +166,7 @@ def trained_weights(shared_backbone: bool, **sections) -> tuple[dict, dict]:
     initial = {name: p.detach().clone() for name, p in models.policy.named_parameters()}
     trainer = PPOTrainer(config, Accelerator(cpu=True), models, eos_token_id=EOS, pad_token_id=PAD)
     for step in range(2):
-        metrics, _ = trainer.step(step, PROMPTS)
+        metrics, _ = trainer.step(step, PROMPTS, range(len(PROMPTS)))
     expected = {"rm_score_mean", "rm_score_std", "kl", "entropy", "clip_fraction", "approx_kl",
                 "value_loss", "policy_loss", "value_clip_fraction", "explained_variance",
                 "response_length", "eos_rate", "lr", "kl_coef", "episodes_per_s",
