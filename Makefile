@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
 
-test: $(STAMP)
+# `rlhf label`'s page is tested in a real headless browser: Debian's chromium, installed here when
+# it is missing and apt can install it (as root). The browser test is skipped only without it.
+browser:
+	if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && \
+			[ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+test: $(STAMP) browser
 	OMP_NUM_THREADS=2 RLHF_NO_PROGRESS=1 $(BIN)/python -m pytest -q -x tests
 
 clean:

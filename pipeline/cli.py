@@ -337,6 +337,29 @@ def _add_checkpoint_tools(commands) -> None:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--json", action="store_true")
     generate.set_defaults(handler=_lazy("pipeline.chat", "cmd_generate"))
+    label = commands.add_parser(
+        "label", help="rank sampled answers in a local web page (reward data), and chat",
+        description="Serve a page on this machine: for each prompt, rank K answers sampled from "
+        "the policy; each ranking is appended to --out at once, in the reward stage's ranked "
+        "format. Reopening continues after the prompts already done. A chat tab turns thumbs "
+        "and regenerations into pairwise rows in --feedback-out.")
+    label.add_argument("--policy", required=True, help="the model that answers (run id, "
+                       "STAGE:latest, alias, pipeline, directory)")
+    label.add_argument("--reward", help="show this reward model's scores after each ranking")
+    label.add_argument("--prompts", required=True, help="JSONL of {\"prompt\": text or chat "
+                       "messages}")
+    label.add_argument("--out", required=True, help="ranked JSONL written (appended to)")
+    label.add_argument("--feedback-out", help="chat pairs JSONL (default: OUT's name with "
+                       ".chat.jsonl)")
+    label.add_argument("--k", type=int, default=4, help="answers per prompt (2-9)")
+    label.add_argument("--temperature", type=float, default=1.0)
+    label.add_argument("--top-k", type=int, default=0)
+    label.add_argument("--max-new-tokens", type=int, default=96)
+    label.add_argument("--seed", type=int, default=0)
+    label.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
+                       "machine only)")
+    label.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    label.set_defaults(handler=_lazy("pipeline.label.server", "cmd_label"))
     export = commands.add_parser("export", help="write a checkpoint as a plain HF directory")
     export.add_argument("ref")
     export.add_argument("out")

@@ -91,7 +91,7 @@ def _reject_non_finite(literal: str) -> Any:
 def read_jsonl(path: str | Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[tuple[int, dict]]:
     """Read a JSON Lines file strictly: `(line number, object)` per non-blank line."""
     path = _existing_file(path)
-    rows = [(number, _parse_object(text, f"{path}:{number}"))
+    rows = [(number, parse_object(text, f"{path}:{number}"))
             for number, text in _numbered_lines(path, max_line_bytes) if text.strip()]
     if not rows:
         raise UserError(f"{path}: the file has no rows (it is empty or blank); "
@@ -136,7 +136,7 @@ def _decode(content: bytes, path: Path, number: int) -> str:
                         f"byte {err.start + 1} of the line); save the file as UTF-8") from None
 
 
-def _parse_object(text: str, where: str) -> dict:
+def parse_object(text: str, where: str) -> dict:
     try:
         value = json.loads(text, parse_constant=_reject_non_finite)
     except _NonFiniteLiteral as err:
@@ -356,7 +356,7 @@ def _resolved_format(fmt: str, first: Record, columns: dict[str, str],
                     f"set the format to one of {', '.join(formats)} or map column names with columns")
 
 
-def _turns(value: Any, record: Record, what: str, role_key: str = "role",
+def chat_turns(value: Any, record: Record, what: str, role_key: str = "role",
            content_key: str = "content", role_names: dict[str, str] | None = None) -> list[dict]:
     """Normalize a list of chat turns to [{"role", "content"}]; `role_names` maps source roles."""
     role_names = role_names or {role: role for role in ROLES}
@@ -379,7 +379,7 @@ def _turns(value: Any, record: Record, what: str, role_key: str = "role",
 
 def _text_or_turns(value: Any, record: Record, what: str) -> str | list[dict]:
     """Prompts, completions and responses are either plain text or a list of chat messages."""
-    return _turns(value, record, what) if isinstance(value, list) else _string(value, record, what)
+    return chat_turns(value, record, what) if isinstance(value, list) else _string(value, record, what)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def _text_or_turns(value: Any, record: Record, what: str) -> str | list[dict]:
 
 
 def _sft_messages(record: Record, columns: dict[str, str]) -> list[dict]:
-    return _turns(_mapped(record, "messages", columns), record, "messages")
+    return chat_turns(_mapped(record, "messages", columns), record, "messages")
 
 
 def _sft_prompt_completion(record: Record, columns: dict[str, str]) -> list[dict]:
@@ -408,7 +408,7 @@ def _sft_alpaca(record: Record, columns: dict[str, str]) -> list[dict]:
 
 
 def _sft_sharegpt(record: Record, columns: dict[str, str]) -> list[dict]:
-    return _turns(_mapped(record, "conversations", columns), record, "conversations",
+    return chat_turns(_mapped(record, "conversations", columns), record, "conversations",
                   role_key="from", content_key="value", role_names=SHAREGPT_ROLES)
 
 
@@ -445,7 +445,7 @@ def load_sft_rows(path_or_name: str | Path, fmt: str = "auto",
 # --------------------------------------------------------------------------------------------
 # Reward (ranked answers) adapters
 
-# An adapter returns (prompt, raw responses, ranks); _ranked_row then normalizes and checks them.
+# An adapter returns (prompt, raw responses, ranks); ranked_row then normalizes and checks them.
 RankedParts = tuple[Any, list, list[int]]
 
 
@@ -471,7 +471,7 @@ def _ranks_from_ranking(ranking: Any, count: int, record: Record) -> list[int]:
         if not indices:
             raise UserError(f"{record.where}: ranking[{place}] is an empty group; remove it")
         for index in indices:
-            if not _is_int(index):
+            if not is_int(index):
                 raise UserError(f"{record.where}: ranking entry {index!r} is not a response index; "
                                 "use integers")
             if not 0 <= index < count:
@@ -488,7 +488,7 @@ def _ranks_from_ranking(ranking: Any, count: int, record: Record) -> list[int]:
     return ranks
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -514,7 +514,7 @@ def _scored_value(item: Any, index: int, record: Record) -> tuple[str, float]:
     return key, value
 
 
-def _ranked_parts(record: Record, columns: dict[str, str]) -> RankedParts:
+def ranked_parts(record: Record, columns: dict[str, str]) -> RankedParts:
     responses = _response_list(record, columns)
     ranks = _ranks_from_ranking(_mapped(record, "ranking", columns), len(responses), record)
     return _mapped(record, "prompt", columns), responses, ranks
@@ -559,7 +559,7 @@ def _split_transcript(record: Record, name: str, columns: dict[str, str]) -> tup
 
 
 RANKED_ADAPTERS: dict[str, Callable[[Record, dict[str, str]], RankedParts]] = {
-    "ranked": _ranked_parts,
+    "ranked": ranked_parts,
     "scored": _scored_parts,
     "pairwise": _pairwise_parts,
     "transcripts": _transcript_parts,
@@ -579,7 +579,7 @@ def _response_text(value: Any, index: int, record: Record) -> str:
     return answers[-1]
 
 
-def _ranked_row(record: Record, parts: RankedParts) -> dict:
+def ranked_row(record: Record, parts: RankedParts) -> dict:
     prompt, raw_responses, ranks = parts
     responses = [_response_text(value, index, record) for index, value in enumerate(raw_responses)]
     rank_of_text: dict[str, tuple[int, int]] = {}
@@ -600,7 +600,7 @@ def load_ranked_rows(path_or_name: str | Path, fmt: str = "auto",
     columns = _checked_columns(columns, RANKED_FORMATS)
     records = _read_records(path_or_name)
     adapter = RANKED_ADAPTERS[_resolved_format(fmt, records[0], columns, RANKED_FORMATS)]
-    return [_ranked_row(record, adapter(record, columns)) for record in records]
+    return [ranked_row(record, adapter(record, columns)) for record in records]
 
 
 def validate_ranked_file(path: str | Path) -> int:

@@ -464,10 +464,10 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -496,7 +496,7 @@ def commit_directory(final: Path, write_files) -> dict[str, str]:
                 raise UserError(f"{final} is already committed; refusing to overwrite it")
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         files = {str(p.relative_to(final)): sha256_file(p)
                  for p in sorted(final.rglob("*")) if p.is_file()}
         write_manifest(final, files)
@@ -517,7 +517,7 @@ def write_manifest(directory: Path, files: dict[str, str]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.rename(tmp, directory / MANIFEST)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def verify_directory(directory: Path) -> list[str]:
