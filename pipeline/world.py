@@ -23,7 +23,8 @@ they ask about combinations no stage trained on. Fact questions cannot be held o
 unlearnable, so eval_prompts has none and the other eval files share them with training.
 
 Reward answers come in five kinds, ranked best first in this order: correct, polite and complete;
-correct but curt; truncated (the answer is there, the sentence never ends); wrong value; off-topic.
+correct but curt; truncated (the answer is there, the sentence never ends); wrong (a wrong value, or
+a true answer about other animals or another fact); off-topic.
 The ranking is derived from these kinds, never from the gold scorer (`pipeline.gold`).
 
 Regenerate the shipped reward data: run the command below, then copy DIR/reward_train.jsonl and
@@ -38,7 +39,7 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.errors import EXIT_USER_ERROR, UserError
@@ -429,6 +430,7 @@ def _draw_question(rng: random.Random, held_out: bool, mix: dict[str, float] = _
 
 # -- answers ------------------------------------------------------------------------------------------
 ANSWER_KINDS = ("good", "curt", "truncated", "wrong", "off_topic")  # best first: the ranking order
+_ABOUT_SOMETHING_ELSE_SHARE = 0.5  # of wrong answers; the rest state a wrong value
 
 _EN_OPENERS = ("Sure!", "Great question!", "Of course!")
 _EN_ENDINGS = ("Happy to help!", "Hope this helps!")
@@ -559,12 +561,32 @@ def _answer(rng: random.Random, question: _Question, kind: str) -> str:
     if kind == "truncated":
         return _truncated_answer(rng, question)
     if kind == "wrong":
+        if rng.random() < _ABOUT_SOMETHING_ELSE_SHARE:
+            other = _other_question(rng, question)
+            return "".join(_good_parts(rng, other, _true_value(other)))
         wrong = _wrong_value(rng, question)
         if rng.random() < 0.5:
             return "".join(_good_parts(rng, question, wrong))
         # never rude: a rude wrong answer would score below an off-topic one and break the order
         return _curt_answer(rng, question, wrong, rude_share=0.0)
     return rng.choice(_OFF_TOPIC[question.lang])
+
+
+def _other_question(rng: random.Random, question: _Question) -> _Question:
+    """A neighbour of the question: other animals or counts, or another animal's fact or another
+    kind of fact. A polite, true answer to it is a wrong answer to the question, the mistake a
+    model makes when it answers in the right form about the wrong thing."""
+    if question.fact:
+        truth = _true_value(question).keyword(question.lang)
+        options = [(name, kind) for name, kind in _FACT_PAIRS
+                   if (name, kind) != (question.animal, question.fact)
+                   and ANIMALS[name].facts[kind].keyword(question.lang) != truth]
+        name, kind = rng.choice(options)
+        return replace(question, animal=name, fact=kind)
+    while True:
+        group = _training_group(rng, len(question.group))
+        if group != question.group:
+            return replace(question, group=group)
 
 
 # -- rows of each file ------------------------------------------------------------------------------
