@@ -86,3 +86,18 @@ def corpus_file(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("".join(lines) * 3, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def mechanics_home(tmp_path_factory) -> Path:
+    """A registry with a barely trained pretrain run (a policy) and a reward model on top of it:
+    enough for every mechanism of sft, reward and ppo, not for learning anything. Tests copy it
+    before adding runs."""
+    home = tmp_path_factory.mktemp("mechanics")
+    rlhf(home, "run", "pretrain", "--config", "configs/tiny/pretrain.yaml", "train.max_steps=4",
+         "train.batch_size=4", "data.seq_len=64", "tokenizer.vocab_size=400",
+         "checkpoint.every_steps=100")
+    rlhf(home, "run", "reward", "--config", "configs/tiny/reward.yaml",
+         "model.source=pretrain:latest", "train.max_steps=2", "train.batch_size=2",
+         "checkpoint.every_steps=100", "normalize.prompts=4", "normalize.max_new_tokens=8")
+    return home

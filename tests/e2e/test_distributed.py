@@ -61,19 +61,6 @@ def assert_two_processes_match_one(base: Path | None, tmp_path: Path, stage: str
     assert len(list(homes["two"].glob(f"runs/{stage}-*/model/manifest.json"))) == before + 1
 
 
-@pytest.fixture(scope="module")
-def base_home(tmp_path_factory) -> Path:
-    """A tiny pretrain run and a reward model on top of it: the parents of sft, reward and ppo."""
-    home = tmp_path_factory.mktemp("base")
-    rlhf(home, "run", "pretrain", "--config", "configs/tiny/pretrain.yaml", "train.max_steps=4",
-         "train.batch_size=4", "data.seq_len=64", "tokenizer.vocab_size=400",
-         "checkpoint.every_steps=100")
-    rlhf(home, "run", "reward", "--config", "configs/tiny/reward.yaml",
-         "model.source=pretrain:latest", "train.max_steps=2", "train.batch_size=2",
-         "checkpoint.every_steps=100", "normalize.prompts=4", "normalize.max_new_tokens=8")
-    return home
-
-
 def test_pretrain_two_processes_match_one(tmp_path, corpus_file):
     args = ("run", "pretrain", "--config", "configs/tiny/pretrain.yaml",
             f"data.sources=[{corpus_file}]", "train.max_steps=5", "checkpoint.every_steps=2",
@@ -81,7 +68,7 @@ def test_pretrain_two_processes_match_one(tmp_path, corpus_file):
     assert_two_processes_match_one(None, tmp_path, "pretrain", args, 4, ("loss", "eval_loss"))
 
 
-def test_sft_two_processes_match_one(tmp_path, base_home):
+def test_sft_two_processes_match_one(tmp_path, mechanics_home):
     # Conversations of different lengths: the loss is the mean over all answer tokens of the
     # global batch, not a mean of the two processes' means.
     conversations = SFT_FIXTURES / "conversations.jsonl"
@@ -90,18 +77,18 @@ def test_sft_two_processes_match_one(tmp_path, base_home):
             f"eval.prompts_file={SFT_FIXTURES / 'prompts.jsonl'}", "eval.n_prompts=2",
             "eval.max_new_tokens=4", "data.max_length=64", "train.max_steps=4",
             "train.warmup_steps=1", "train.eval_batches=1", "checkpoint.every_steps=2")
-    assert_two_processes_match_one(base_home, tmp_path, "sft", args, 2, ("loss",))
+    assert_two_processes_match_one(mechanics_home, tmp_path, "sft", args, 2, ("loss",))
 
 
-def test_reward_two_processes_match_one(tmp_path, base_home):
+def test_reward_two_processes_match_one(tmp_path, mechanics_home):
     args = ("run", "reward", "--config", "configs/tiny/reward.yaml",
             "model.source=pretrain:latest", "train.max_steps=4", "train.warmup_steps=1",
             "checkpoint.every_steps=2", "normalize.prompts=4", "normalize.max_new_tokens=8")
-    assert_two_processes_match_one(base_home, tmp_path, "reward", args, 2,
+    assert_two_processes_match_one(mechanics_home, tmp_path, "reward", args, 2,
                                    ("loss", "eval_pairwise_accuracy"))
 
 
-def test_ppo_two_processes_match_one(tmp_path, base_home):
+def test_ppo_two_processes_match_one(tmp_path, mechanics_home):
     # Answers of one length (EOS blocked until the limit): each process's mean over its tokens is
     # then the global mean, so the two runs' gradients agree.
     args = ("run", "ppo", "--config", "configs/tiny/ppo.yaml", "model.policy=pretrain:latest",
@@ -110,5 +97,5 @@ def test_ppo_two_processes_match_one(tmp_path, base_home):
             "generation.min_new_tokens=6", "reward.missing_eos_penalty=null", "ppo.minibatches=1",
             "eval.n_prompts=2", "eval.max_new_tokens=4", "samples.every_steps=0",
             "data.max_prompt_tokens=24")
-    assert_two_processes_match_one(base_home, tmp_path, "ppo", args, 2,
+    assert_two_processes_match_one(mechanics_home, tmp_path, "ppo", args, 2,
                                    ("rm_score_mean", "kl", "policy_loss", "value_loss"))
