@@ -50,7 +50,7 @@ SENTENCE_ENDS = tuple(".!?。！？")
 CLOSING_MARKS = "\"'”’）)"  # may follow the full stop of a finished sentence
 
 SIZES: dict[str, dict[str, int]] = {  # rows per file
-    "tiny": {"pretrain": 4000, "sft_train": 2000, "sft_eval": 200, "reward_train": 1000,
+    "tiny": {"pretrain": 4000, "sft_train": 2000, "sft_eval": 200, "reward_train": 4000,
              "reward_eval": 200, "ppo_prompts": 512, "eval_prompts": 100},
     "small": {"pretrain": 18000, "sft_train": 9000, "sft_eval": 900, "reward_train": 4500,
               "reward_eval": 900, "ppo_prompts": 2048, "eval_prompts": 400},
