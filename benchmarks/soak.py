@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
 
-from faults import Chain, Reference, available_stages, kill_trial  # noqa: E402
+from faults import STAGES, Chain, Reference, kill_trial  # noqa: E402
 
 MAX_KILLS_PER_TRIAL = 2
 
@@ -38,7 +38,7 @@ MAX_KILLS_PER_TRIAL = 2
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="kills per stage")
-    parser.add_argument("--stages", default=",".join(available_stages()),
+    parser.add_argument("--stages", default=",".join(STAGES),
                         help="comma-separated stages (default: every stage present)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="copy the homes of failed trials here")
@@ -83,9 +83,10 @@ def print_table(rows: list[dict]) -> None:
 def main() -> int:
     args = parse_args()
     stages = [stage for stage in args.stages.split(",") if stage]
-    missing = [stage for stage in stages if stage not in available_stages()]
+    missing = [stage for stage in stages if stage not in STAGES]
     if missing:
-        print(f"error: no such stage in this checkout: {', '.join(missing)}", file=sys.stderr)
+        print(f"error: no such stage: {', '.join(missing)}; choose from {', '.join(STAGES)}",
+              file=sys.stderr)
         return 2
     rows = []
     with tempfile.TemporaryDirectory(prefix="rlhf-soak-") as tmp:
