@@ -23,8 +23,8 @@ they ask about combinations no stage trained on. Fact questions cannot be held o
 unlearnable, so eval_prompts has none and the other eval files share them with training.
 
 Reward answers come in five kinds, ranked best first in this order: correct, polite and complete;
-correct but curt; truncated (the answer is there, the sentence never ends); wrong (a wrong value, or
-a true answer about other animals or another fact); off-topic.
+correct but curt; truncated (the answer is there, the sentence never ends); wrong (a wrong value, a
+true answer about other animals or another fact, or polite words that answer nothing); off-topic.
 The ranking is derived from these kinds, never from the gold scorer (`pipeline.gold`).
 
 Regenerate the shipped reward data: run the command below, then copy DIR/reward_train.jsonl and
@@ -430,7 +430,10 @@ def _draw_question(rng: random.Random, held_out: bool, mix: dict[str, float] = _
 
 # -- answers ------------------------------------------------------------------------------------------
 ANSWER_KINDS = ("good", "curt", "truncated", "wrong", "off_topic")  # best first: the ranking order
-_ABOUT_SOMETHING_ELSE_SHARE = 0.5  # of wrong answers; the rest state a wrong value
+# Of the wrong answers: true answers about something else, polite words with no answer (what a
+# policy finds first when its reward model likes politeness), and the rest state a wrong value.
+_ABOUT_SOMETHING_ELSE_SHARE = 0.4
+_EMPTY_SHARE = 0.15
 
 _EN_OPENERS = ("Sure!", "Great question!", "Of course!")
 _EN_ENDINGS = ("Happy to help!", "Hope this helps!")
@@ -561,15 +564,25 @@ def _answer(rng: random.Random, question: _Question, kind: str) -> str:
     if kind == "truncated":
         return _truncated_answer(rng, question)
     if kind == "wrong":
-        if rng.random() < _ABOUT_SOMETHING_ELSE_SHARE:
+        draw = rng.random()
+        if draw < _ABOUT_SOMETHING_ELSE_SHARE:
             other = _other_question(rng, question)
             return "".join(_good_parts(rng, other, _true_value(other)))
+        if draw < _ABOUT_SOMETHING_ELSE_SHARE + _EMPTY_SHARE:
+            return _empty_answer(rng, question.lang)
         wrong = _wrong_value(rng, question)
         if rng.random() < 0.5:
             return "".join(_good_parts(rng, question, wrong))
         # never rude: a rude wrong answer would score below an off-topic one and break the order
         return _curt_answer(rng, question, wrong, rude_share=0.0)
     return rng.choice(_OFF_TOPIC[question.lang])
+
+
+def _empty_answer(rng: random.Random, lang: str) -> str:
+    """Polite words around nothing: "Great question! Hope this helps!" answers no question."""
+    if lang == "zh":
+        return (rng.choice(_ZH_OPENERS[1:]) + rng.choice(_ZH_ENDINGS))
+    return f"{rng.choice(_EN_OPENERS)} {rng.choice(_EN_ENDINGS)}"
 
 
 def _other_question(rng: random.Random, question: _Question) -> _Question:
