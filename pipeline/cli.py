@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from pipeline.errors import EXIT_USER_ERROR, UserError
+from pipeline.errors import EXIT_USER_ERROR, UserError, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,14 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    try:
-        return args.handler(args) or 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.handler(args))
 
 
 class Parser(argparse.ArgumentParser):

@@ -12,21 +12,15 @@ from __future__ import annotations
 import sys
 import time
 
-from pipeline.errors import EXIT_USER_ERROR, UserError
+from pipeline.errors import run_command
 
 PIPELINE_YAML = "configs/tiny/pipeline.yaml"
 CONVERSATION = ("How many legs do three chickens have?", "What sound does a cow make?")
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return demo(sys.argv[1:] if argv is None else argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted; run `make demo` again to continue where it stopped", file=sys.stderr)
-        return 130
+    return run_command(lambda: demo(sys.argv[1:] if argv is None else argv),
+                       interrupted="interrupted; run `make demo` again to continue where it stopped")
 
 
 def demo(overrides: list[str]) -> int:

@@ -4,9 +4,28 @@ The CLI prints its message as a single line and exits with code 2; no traceback.
 what is wrong, where (file:line or the config key), and what to do.
 """
 
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
 
 class UserError(Exception):
     """A problem with the user's input. `str(err)` is the whole message, one line."""
 
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C (SIGINT)
+
+
+def run_command(command: Callable[[], int | None], interrupted: str = "interrupted") -> int:
+    """`command()`'s exit code; a UserError is printed as one line (exit 2), Ctrl-C as
+    `interrupted` (exit 130), neither with a traceback."""
+    try:
+        return command() or 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -215,7 +215,7 @@ def sample(policy, prompts: list[list[int]], keys: torch.Tensor, config: Config,
     generation = config.generation
     device = next(policy.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
-    sampler = episode_sampler(keys, prompt_ids.shape[1], generation.temperature, generation.top_k,
+    sampler = episode_sampler(keys.to(device), prompt_ids.shape[1], generation.temperature, generation.top_k,
                               generation.top_p)
     # Greedy decoding over the sampler's noisy scores is sampling (the Gumbel-max trick).
     out = policy.generate(

@@ -54,11 +54,13 @@ def uniform_noise(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor
     """(B, vocab) floats in (0, 1), a function of (key, position, token index) alone."""
     row = splitmix64(keys.unsqueeze(1) ^ splitmix64(torch.full_like(keys, position)).unsqueeze(1))
     bits = splitmix64(row + torch.arange(vocab, device=keys.device) * GOLDEN)
-    return (_shift_right(bits, 40).double() + 0.5) / float(1 << 24)  # 24 bits: exact in float32
+    # 23 bits: (k + 0.5) / 2^23 is exact in float32, so u is never 0 or 1 (whose logs are infinite).
+    return (_shift_right(bits, 41).float() + 0.5) / float(1 << 23)
 
 
 class GumbelNoise(LogitsProcessor):
-    """Adds each episode's Gumbel noise for the token being chosen; greedy decoding then samples."""
+    """Adds each episode's Gumbel noise for the token being chosen; greedy decoding then samples.
+    `keys` must be on the device of the scores."""
 
     def __init__(self, keys: torch.Tensor, prompt_width: int):
         self.keys = keys
@@ -66,7 +68,7 @@ class GumbelNoise(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         position = input_ids.shape[1] - self.prompt_width  # the answer token being chosen
-        u = uniform_noise(self.keys.to(scores.device), position, scores.shape[1])
+        u = uniform_noise(self.keys, position, scores.shape[1])
         gumbel = -torch.log(-torch.log(u))
         return scores + gumbel.to(scores.dtype)
 

@@ -3,6 +3,7 @@ each micro-batch's loss, against hand-computed values."""
 
 from __future__ import annotations
 
+from operator import itemgetter
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def test_without_counts_every_micro_batch_weighs_the_same():
 
 
 def test_counts_weigh_micro_batches_by_their_share_of_the_items():
-    count = lambda batch: batch["count"]  # noqa: E731
+    count = itemgetter("count")
     assert micro_batch_weights(FakeAccelerator(1), [items(3), items(1)], count) == [0.75, 0.25]
     # Two processes, 4 items here and 12 on the other: 3·2/16 and 1·2/16 (DDP then halves).
     assert micro_batch_weights(FakeAccelerator(2, others=12), [items(3), items(1)], count) == \
