@@ -9,7 +9,8 @@ short because the default models are tiny (1-3M parameters, 256-token context).
 `write_world(out_dir, seed, size, k)` writes, deterministically (same seed → byte-identical files):
 
     pretrain.jsonl                          {"text"}      prose only: statements, counting runs, stories
-    sft_train.jsonl, sft_eval.jsonl         {"messages"}  demonstrations: mostly right and polite,
+    sft_train.jsonl, sft_eval.jsonl         {"messages"}  demonstrations: mostly right and polite (half
+                                                          of the leg answers show their working),
                                                           some curt, a few with a wrong count
     reward_train.jsonl, reward_eval.jsonl   {"prompt", "responses", "ranking"}  K answers, best first;
                                                           a nested list in "ranking" is a tie
@@ -22,10 +23,16 @@ pair; every leg question in the eval files (sft_eval, reward_eval, eval_prompts)
 they ask about combinations no stage trained on. Fact questions cannot be held out without becoming
 unlearnable, so eval_prompts has none and the other eval files share them with training.
 
-Reward answers come in five kinds, ranked best first in this order: correct, polite and complete;
-correct but curt; truncated (the answer is there, the sentence never ends); wrong (a wrong value, a
-true answer about other animals or another fact, or polite words that answer nothing); off-topic.
-The ranking is derived from these kinds, never from the gold scorer (`pipeline.gold`).
+Reward answers come in six kinds, ranked best first in this order: correct, polite and complete,
+showing the working on a leg question (the legs of each animal, then the total); the same without
+the working (leg questions only); correct but curt; truncated (the answer is there, the sentence
+never ends); wrong (a wrong value, a true answer about other animals or another fact, or polite
+words that answer nothing); off-topic. The ranking is derived from these kinds, never from the gold
+scorer (`pipeline.gold`). The two differ on purpose in one place: the labellers behind the ranking
+like to see the working, the gold scorer only checks the total. Half of the demonstrations show no
+working, so the SFT policy often states a bare total, and a reward model that learned the ranking
+pushes the policy toward working it out, which makes a small model right more often (a gain the
+gold scorer sees only as more right totals).
 
 Regenerate the shipped reward data: run the command below, then copy DIR/reward_train.jsonl and
 DIR/reward_eval.jsonl to reward_data/train.jsonl and reward_data/eval.jsonl.
@@ -429,7 +436,10 @@ def _draw_question(rng: random.Random, held_out: bool, mix: dict[str, float] = _
 
 
 # -- answers ------------------------------------------------------------------------------------------
-ANSWER_KINDS = ("good", "curt", "truncated", "wrong", "off_topic")  # best first: the ranking order
+# Best first: the ranking order. "good" shows its working on leg questions (the legs of each
+# animal, then the total); "direct" is as right, polite and complete but states the total alone.
+# Fact questions have no working to show, so their answers are never "direct".
+ANSWER_KINDS = ("good", "direct", "curt", "truncated", "wrong", "off_topic")
 # Of the wrong answers: true answers about something else, polite words with no answer (what a
 # policy finds first when its reward model likes politeness), and the rest state a wrong value.
 _ABOUT_SOMETHING_ELSE_SHARE = 0.4
@@ -469,35 +479,45 @@ def _wrong_value(rng: random.Random, question: _Question) -> Value:
     return rng.choice(sorted({truth + d for d in (-4, -2, -1, 1, 2, 4) if truth + d >= 0}))
 
 
-def _good_count_parts(rng: random.Random, question: _Question, total: int) -> tuple[str, str]:
+def _good_count_parts(rng: random.Random, question: _Question, total: int,
+                      worked: bool) -> tuple[str, str]:
+    """A worked answer (the legs of each animal first, then the total) or the total alone.
+
+    Working first lets a small model reach a held-out total from steps it has trained on: "each
+    goose has 2 legs" and "five geese have 10 legs" hold for the animals it has seen too."""
     lang, group = question.lang, question.group
     said = _total_text(rng, total, lang)
     group_text = _group_text(group, lang, question.words)
     if lang == "zh":
-        rates = "，".join(_rate_clause(name, lang) for name, _ in group)
         opener, ending = rng.choice(_ZH_OPENERS), rng.choice(_ZH_ENDINGS)
-        return rng.choice((
-            (f"{opener}{group_text}一共有{said}", f"条腿：{rates}。{ending}"),
-            (f"{opener}{rates}，所以{group_text}一共有{said}", f"条腿。{ending}"),
-            (f"{opener}答案是{said}", f"条腿。{ending}"),
-        ))
+        if not worked:
+            return rng.choice(((f"{opener}{group_text}一共有{said}", f"条腿。{ending}"),
+                               (f"{opener}答案是{said}", f"条腿。{ending}")))
+        if len(group) == 1:
+            return f"{opener}{_rate_clause(group[0][0], lang)}，所以{group_text}一共有{said}", f"条腿。{ending}"
+        return f"{opener}{_subtotals(group, lang, question.words)}，一共有{said}", f"条腿。{ending}"
     opener, ending = rng.choice(_EN_OPENERS), rng.choice(_EN_ENDINGS)
-    breakdown = " and ".join(_breakdown_en(name, count, question.words) for name, count in group)
-    rates = " and ".join(_rate_clause(name, lang) for name, _ in group)
-    return rng.choice((
-        (f"There are {said}", f" legs in total: {breakdown}. {ending}"),
-        (f"{opener} {_cap(group_text)} {_have(group)} {said}", f" legs in total. {ending}"),
-        (f"{opener} {_cap(rates)}, so {group_text} {_have(group)} {said}", f" legs. {ending}"),
-    ))
+    if not worked:
+        return f"{opener} {_cap(group_text)} {_have(group)} {said}", f" legs in total. {ending}"
+    if len(group) == 1:
+        rate = _cap(_rate_clause(group[0][0], lang))
+        return f"{opener} {rate}, so {group_text} {_have(group)} {said}", f" legs. {ending}"
+    return f"{opener} {_cap(_subtotals(group, lang, question.words))}, so they have {said}", f" legs in total. {ending}"
 
 
-def _breakdown_en(name: str, count: int, words: bool) -> str:
-    """"3 chickens have 2 legs each", "one chicken has 2 legs", "3 snakes have no legs"."""
-    legs = ANIMALS[name].legs
-    noun = _count_noun(name, count, "en", words)
-    if legs == 0:
-        return f"{noun} {_have(((name, count),))} no legs"
-    return f"{noun} has {legs} legs" if count == 1 else f"{noun} have {legs} legs each"
+def _no_legs_clause(name: str, count: int, lang: str, words: bool) -> str:
+    """"two snakes have no legs" / "两条蛇没有腿": not "0 legs", which with a total of 0 would
+    say "have 0 legs" three times in one answer."""
+    noun = _count_noun(name, count, lang, words)
+    return f"{noun} {_have(((name, count),))} no legs" if lang == "en" else f"{noun}没有腿"
+
+
+def _subtotals(group: Group, lang: str, words: bool) -> str:
+    """"five geese have 10 legs and two snakes have no legs" / "五只鹅有10条腿，两条蛇没有腿"."""
+    parts = [_legs_clause(((name, count),), str(total_legs(((name, count),))), lang, words)
+             if ANIMALS[name].legs else _no_legs_clause(name, count, lang, words)
+             for name, count in group]
+    return " and ".join(parts) if lang == "en" else "，".join(parts)
 
 
 def _good_fact_parts(rng: random.Random, question: _Question, value: Fact) -> tuple[str, str]:
@@ -513,11 +533,13 @@ def _good_fact_parts(rng: random.Random, question: _Question, value: Fact) -> tu
     return f"{rng.choice(_EN_OPENERS)} {head}", f". {ending}"
 
 
-def _good_parts(rng: random.Random, question: _Question, value: Value) -> tuple[str, str]:
-    """A polite, complete answer as (head, tail): the head already states the value."""
+def _good_parts(rng: random.Random, question: _Question, value: Value,
+                worked: bool | None = None) -> tuple[str, str]:
+    """A polite, complete answer as (head, tail): the head already states the value. Leg answers
+    show their working when `worked` (None: half the time); fact answers have none to show."""
     if isinstance(value, Fact):
         return _good_fact_parts(rng, question, value)
-    return _good_count_parts(rng, question, value)
+    return _good_count_parts(rng, question, value, rng.random() < 0.5 if worked is None else worked)
 
 
 def _curt_answer(rng: random.Random, question: _Question, value: Value,
@@ -557,8 +579,8 @@ def _truncated_answer(rng: random.Random, question: _Question) -> str:
 
 
 def _answer(rng: random.Random, question: _Question, kind: str) -> str:
-    if kind == "good":
-        return "".join(_good_parts(rng, question, _true_value(question)))
+    if kind in ("good", "direct"):
+        return "".join(_good_parts(rng, question, _true_value(question), worked=kind == "good"))
     if kind == "curt":
         return _curt_answer(rng, question, _true_value(question))
     if kind == "truncated":
@@ -596,14 +618,15 @@ def _other_question(rng: random.Random, question: _Question) -> _Question:
                    and ANIMALS[name].facts[kind].keyword(question.lang) != truth]
         name, kind = rng.choice(options)
         return replace(question, animal=name, fact=kind)
-    while True:
+    while True:  # a different total too, or "so they have 36 legs" would still be right
         group = _training_group(rng, len(question.group))
-        if group != question.group:
+        if total_legs(group) != total_legs(question.group):
             return replace(question, group=group)
 
 
 # -- rows of each file ------------------------------------------------------------------------------
-_SFT_STYLES = {"good": 0.70, "curt": 0.22, "wrong_polite": 0.08}
+# Demonstrations are uneven, as written ones are: half the right answers show no working.
+_SFT_STYLES = {"good": 0.35, "direct": 0.35, "curt": 0.22, "wrong_polite": 0.08}
 _TIE_SHARE = 0.2  # ranked rows (K ≤ number of kinds) that repeat a kind, giving an equal-rank group
 _MAX_TRIES = 40
 
@@ -619,10 +642,11 @@ def _sft_row(rng: random.Random, held_out: bool) -> dict:
                          {"role": "assistant", "content": answer}]}
 
 
-def _draw_kinds(rng: random.Random, k: int) -> list[str]:
-    kinds = rng.sample(ANSWER_KINDS, min(k, len(ANSWER_KINDS)))
-    kinds += [rng.choice(ANSWER_KINDS) for _ in range(k - len(kinds))]  # variants of kinds
-    if 3 <= k <= len(ANSWER_KINDS) and rng.random() < _TIE_SHARE:
+def _draw_kinds(rng: random.Random, k: int, question: _Question) -> list[str]:
+    kinds_here = [kind for kind in ANSWER_KINDS if question.group or kind != "direct"]
+    kinds = rng.sample(kinds_here, min(k, len(kinds_here)))
+    kinds += [rng.choice(kinds_here) for _ in range(k - len(kinds))]  # variants of kinds
+    if 3 <= k <= len(kinds_here) and rng.random() < _TIE_SHARE:
         kinds[-1] = rng.choice(kinds[:-1])
     return kinds
 
@@ -649,7 +673,7 @@ def _ranking(kinds: list[str]) -> list:
 def _reward_row(rng: random.Random, held_out: bool, k: int) -> dict:
     question = _draw_question(rng, held_out)
     answers: list[tuple[str, str]] = []
-    for kind in _draw_kinds(rng, k):
+    for kind in _draw_kinds(rng, k, question):
         answers.append(_distinct_answer(rng, question, kind, {text for _, text in answers}))
     rng.shuffle(answers)
     return {"prompt": question.text, "responses": [text for _, text in answers],

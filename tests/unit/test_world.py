@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import EXIT_USER_ERROR, UserError
-from pipeline.gold import count_correct, find_mentions, gold_score, parse_question
+from pipeline.gold import count_correct, find_mentions, format_ok, gold_score, parse_question
 from pipeline.world import (
     ANIMALS, COUNTS, HELD_OUT_COUNTS, SIZES, chinese_number, english_number, main, write_world,
 )
@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 TRAINING_FILES = ("pretrain", "sft_train", "reward_train", "ppo_prompts")
 EVAL_FILES = ("sft_eval", "reward_eval", "eval_prompts")
 CJK = re.compile(r"[\u4e00-\u9fff]")
+# A leg answer that shows its working: the legs of one animal, or a subtotal before the total.
+WORKED = re.compile(r"\beach\b|每|so they have|腿，.*一共有", re.IGNORECASE)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +127,23 @@ def test_rank_one_answers_score_clearly_above_the_last_rank_and_never_below_a_la
     assert sum(first) / len(first) - sum(last) / len(last) > 0.5
 
 
+def test_right_leg_answers_that_show_the_working_rank_above_right_answers_without_it(world):
+    both_kinds = 0
+    for row in rows(world["reward_train"]):
+        question = parse_question(row["prompt"])
+        if not question.group:
+            continue
+        rank = {i: position for position, item in enumerate(row["ranking"])
+                for i in (item if isinstance(item, list) else [item])}
+        right = [i for i, answer in enumerate(row["responses"])
+                 if count_correct(row["prompt"], answer) and format_ok(answer)]
+        worked = [i for i in right if WORKED.search(row["responses"][i])]
+        bare = [i for i in right if i not in worked]
+        assert all(rank[w] < rank[b] for w in worked for b in bare), row
+        both_kinds += bool(worked and bare)
+    assert both_kinds > 500
+
+
 @pytest.mark.parametrize("name", list(SIZES["tiny"]))
 def test_about_a_quarter_of_every_file_is_chinese(world, name):
     file_rows = rows(world[name])
@@ -152,6 +171,9 @@ def test_sft_mixes_polite_curt_and_a_few_wrong_demonstrations(world):
     judged = [count_correct(prompt, answer) for prompt, answer in pairs]
     wrong = judged.count(False) / (len(judged) - judged.count(None))
     assert 0.6 < polite_and_right < 0.8
+    leg_answers = [answer for (prompt, answer), score in zip(pairs, scores)
+                   if score == 1.0 and parse_question(prompt).group]
+    assert 0.4 < sum(bool(WORKED.search(a)) for a in leg_answers) / len(leg_answers) < 0.6
     assert 0.15 < curt_and_right < 0.3
     assert 0.03 < wrong < 0.15
 
