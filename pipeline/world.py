@@ -494,15 +494,18 @@ def _good_count_parts(rng: random.Random, question: _Question, total: int,
             return rng.choice(((f"{opener}{group_text}一共有{said}", f"条腿。{ending}"),
                                (f"{opener}答案是{said}", f"条腿。{ending}")))
         if len(group) == 1:
-            return f"{opener}{_rate_clause(group[0][0], lang)}，所以{group_text}一共有{said}", f"条腿。{ending}"
-        return f"{opener}{_subtotals(group, lang, question.words)}，一共有{said}", f"条腿。{ending}"
+            working = f"{_rate_clause(group[0][0], lang)}，所以{group_text}"
+        else:
+            working = f"{_subtotals(group, lang, question.words)}，"
+        return f"{opener}{working}一共有{said}", f"条腿。{ending}"
     opener, ending = rng.choice(_EN_OPENERS), rng.choice(_EN_ENDINGS)
     if not worked:
         return f"{opener} {_cap(group_text)} {_have(group)} {said}", f" legs in total. {ending}"
     if len(group) == 1:
         rate = _cap(_rate_clause(group[0][0], lang))
         return f"{opener} {rate}, so {group_text} {_have(group)} {said}", f" legs. {ending}"
-    return f"{opener} {_cap(_subtotals(group, lang, question.words))}, so they have {said}", f" legs in total. {ending}"
+    subtotals = _cap(_subtotals(group, lang, question.words))
+    return f"{opener} {subtotals}, so they have {said}", f" legs in total. {ending}"
 
 
 def _no_legs_clause(name: str, count: int, lang: str, words: bool) -> str:
