@@ -44,6 +44,12 @@ ROLE_TOKENS = (USER_TOKEN, ASSISTANT_TOKEN, SYSTEM_TOKEN)
 # The order fixes their ids in a trained tokenizer: <|end|> = 0, <|pad|> = 1, then the roles.
 SPECIAL_TOKENS = (END_TOKEN, PAD_TOKEN, *ROLE_TOKENS)
 
+# One CJK ideograph, CJK punctuation mark or full-width form. Chinese has no spaces, so without
+# this a whole clause is one pre-token and BPE learns clause tokens ("猫住在屋子里" as one id): a
+# small model then cannot relate "狗的叫声是" to "狗", and ignores Chinese questions it has not
+# seen verbatim. One character per pre-token keeps Chinese as compositional as English words.
+CJK_CHARACTER = "[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
+
 # Label value that the cross-entropy loss ignores (PyTorch's and transformers' default).
 IGNORE_INDEX = -100
 
@@ -81,12 +87,13 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts`, with the special tokens and chat template.
 
-    Byte-level means any UTF-8 text (Chinese included) encodes without unknown tokens. Training
-    is deterministic: the same texts give the same vocabulary and merges. On a small corpus the
+    Byte-level means any UTF-8 text (Chinese included) encodes without unknown tokens. Each CJK
+    character is its own pre-token (see `CJK_CHARACTER`), so a merge never spans two of them.
+    Training is deterministic: the same texts give the same vocabulary and merges. On a small corpus the
     vocabulary can come out smaller than `vocab_size` (no pair left to merge); size the model's
     embedding from `len(tokenizer)`.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < MIN_VOCAB_SIZE:
@@ -96,7 +103,10 @@ def train_tokenizer(
             "raise vocab_size"
         )
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CJK_CHARACTER), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     bpe.decoder = decoders.ByteLevel()
     # Untrimmed offsets keep every byte of the text inside some token's character span, which
     # the assistant mask relies on.

@@ -139,6 +139,14 @@ def test_training_merges_frequent_chinese_bytes(tokenizer):
     assert len(tokenizer.encode("首", add_special_tokens=False)) == 3
 
 
+def test_chinese_characters_are_never_merged_with_each_other():
+    # Repeated often enough that, like " the", a whole Chinese clause would become one token.
+    tokenizer = train_tokenizer(["猫住在屋子里。狗住在狗窝里。"] * 50, vocab_size=400)
+    text = "猫住在狗窝里。"
+    spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert spans == [(i, i + 1) for i in range(len(text))]  # one token per character
+
+
 def test_too_small_vocab_is_a_user_error():
     with pytest.raises(UserError, match="vocab_size 100 is too small"):
         train_tokenizer(CORPUS, vocab_size=100)
