@@ -16,7 +16,7 @@ from pipeline.tokenizer import encode_prompt, left_pad
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     temperature: float = 0.7   # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0

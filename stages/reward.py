@@ -72,7 +72,7 @@ class NormalizeSection(Section):
         "sft_samples", description="answers that score 0 on average after training: samples of the "
         "parent model on eval prompts, or the best-ranked eval answers")
     prompts: int = Field(64, ge=1, description="eval prompts sampled (sft_samples)")
-    max_new_tokens: int = Field(48, ge=1, description="answer length limit (sft_samples)")
+    max_new_tokens: int = Field(64, ge=1, description="answer length limit (sft_samples)")
     temperature: float = Field(0.7, ge=0, description="sampling temperature, 0 = greedy (sft_samples)")
 
 

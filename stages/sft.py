@@ -61,7 +61,7 @@ class EvalSection(Section):
     prompts_file: str | None = Field(None, description="JSONL of {prompt} for the gold eval; "
                                      "empty = the world's eval_prompts.jsonl")
     n_prompts: int = Field(64, ge=0, description="prompts sampled for the gold eval; 0 skips it")
-    max_new_tokens: int = Field(48, ge=1, description="answer length limit (greedy decoding)")
+    max_new_tokens: int = Field(64, ge=1, description="answer length limit (greedy decoding)")
 
 
 class Config(StageConfig):

@@ -81,7 +81,7 @@ class DataSection(Section):
 
 
 class GenerationSection(Section):
-    max_new_tokens: int = Field(48, ge=1, description="answer length limit")
+    max_new_tokens: int = Field(64, ge=1, description="answer length limit")
     min_new_tokens: int = Field(0, ge=0, description="EOS is blocked before this many tokens")
     temperature: float = Field(0.7, gt=0, description="sampling temperature (N+ 0.7, InstructGPT 1)")
     top_k: int = Field(0, ge=0, description="0 = no top-k filtering")
@@ -143,7 +143,7 @@ class EvalSection(Section):
                                      "empty = the world's eval_prompts.jsonl")
     n_prompts: int = Field(64, ge=0, description="prompts in the gold eval at start and end "
                            "(and every train.eval_every steps); 0 skips it")
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
 
 
