@@ -70,6 +70,6 @@ def gold_eval(model, tokenizer, prompts: list[str], sampling: SamplingConfig | N
     return summarize(prompts, answers)
 
 
-def gold_metrics(summary: dict) -> dict[str, float]:
+def gold_metrics(summary: dict, series: str = "gold") -> dict[str, float]:
     """The numeric part of a gold summary, prefixed for the registry's metric series."""
-    return {f"gold/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+    return {f"{series}/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}

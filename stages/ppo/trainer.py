@@ -145,6 +145,10 @@ class EvalSection(Section):
                            "(and every train.eval_every steps); 0 skips it")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    sampled_answers: int = Field(0, ge=0, description="also score this many answers per prompt "
+                                 "sampled as in training (generation.temperature, top_k, top_p), "
+                                 "logged as gold_sampled/...: PPO optimizes the sampled answers, "
+                                 "and a greedy answer can hide how they changed; 0 = off")
 
 
 class SamplesSection(Section):
@@ -718,32 +722,51 @@ def describe_setup(config: Config, inputs: Inputs, models: Models) -> str:
 
 
 # -- gold evaluation, samples, summary ------------------------------------------------------------
-def measure_gold(policy, tokenizer, prompts: list[str], config: Config) -> dict:
-    """Answers to the held-out prompts (eval.temperature, 0 = greedy), scored by the gold scorer."""
+GOLD_SERIES = ("gold", "gold_sampled")  # answers at eval.temperature; answers sampled as in training
+
+
+def measure_gold(policy, tokenizer, prompts: list[str], config: Config) -> dict[str, dict]:
+    """Gold summaries of answers to the held-out prompts, by series: `gold` (eval.temperature,
+    0 = greedy) and, when eval.sampled_answers > 0, `gold_sampled` (that many answers per prompt,
+    sampled with the rollout's settings)."""
     from pipeline.generation import SamplingConfig, gold_eval
 
-    sampling = SamplingConfig(max_new_tokens=config.eval.max_new_tokens,
-                              temperature=config.eval.temperature)
-    return gold_eval(policy, tokenizer, prompts, sampling, seed=config.seed)
+    evaluation, generation = config.eval, config.generation
+    sampling = SamplingConfig(max_new_tokens=evaluation.max_new_tokens,
+                              temperature=evaluation.temperature)
+    summaries = {"gold": gold_eval(policy, tokenizer, prompts, sampling, seed=config.seed)}
+    if evaluation.sampled_answers:
+        repeated = [prompt for prompt in prompts for _ in range(evaluation.sampled_answers)]
+        sampling = SamplingConfig(max_new_tokens=evaluation.max_new_tokens,
+                                  temperature=generation.temperature, top_k=generation.top_k,
+                                  top_p=generation.top_p)
+        summaries["gold_sampled"] = gold_eval(policy, tokenizer, repeated, sampling,
+                                              seed=config.seed)
+    return summaries
 
 
-def log_gold(stage_run, step: int, policy, tokenizer, prompts: list[str], config: Config) -> dict:
-    """Gold-evaluate the policy and log `gold/...` at `step`; {} when the eval is off."""
+def log_gold(stage_run, step: int, policy, tokenizer, prompts: list[str],
+             config: Config) -> dict[str, dict]:
+    """Gold-evaluate the policy and log `gold/...` (and `gold_sampled/...`) at `step`; {} when
+    the eval is off."""
     from pipeline.generation import gold_metrics
 
     if not prompts:
         return {}
-    gold = measure_gold(policy, tokenizer, prompts, config)
-    stage_run.log(step, gold_metrics(gold))
-    return gold
+    summaries = measure_gold(policy, tokenizer, prompts, config)
+    stage_run.log(step, {name: value for series, summary in summaries.items()
+                         for name, value in gold_metrics(summary, series).items()})
+    return summaries
 
 
-def start_gold(stage_run, policy, tokenizer, prompts: list[str], config: Config) -> dict:
-    """The starting policy's gold metrics: measured and logged at step 0 by a new run, read back
-    from the registry by a resumed one (a resume keeps the metrics of step 0)."""
-    logged = {name[len("gold/"):]: series[0][1]
-              for name, series in stage_run.registry.metrics(stage_run.run.id).items()
-              if name.startswith("gold/") and series[0][0] == 0}
+def start_gold(stage_run, policy, tokenizer, prompts: list[str], config: Config) -> dict[str, dict]:
+    """The starting policy's gold summaries: measured and logged at step 0 by a new run, read
+    back from the registry by a resumed one (a resume keeps the metrics of step 0)."""
+    logged: dict[str, dict] = {}
+    for name, series in stage_run.registry.metrics(stage_run.run.id).items():
+        prefix, _, metric = name.partition("/")
+        if prefix in GOLD_SERIES and series[0][0] == 0:
+            logged.setdefault(prefix, {})[metric] = series[0][1]
     if logged or not prompts:
         return logged
     return log_gold(stage_run, 0, policy, tokenizer, prompts, config)
@@ -795,17 +818,20 @@ def run_summary(stage_run, config: Config, inputs: Inputs, gold_start: dict, gol
         if name in series:
             summary[f"{name}_start"] = series[name][0][1]
             summary[f"{name}_end"] = series[name][-1][1]
-    for prefix, gold in (("gold_start", gold_start), ("gold_end", gold_end)):
-        summary.update({f"{prefix}/{k}": v for k, v in gold.items()
-                        if isinstance(v, (int, float))})
-    if gold_end.get("samples"):
-        summary["gold_samples"] = gold_end["samples"][:3]
+    for when, summaries in (("start", gold_start), ("end", gold_end)):
+        for series, gold in summaries.items():
+            summary.update({f"{series}_{when}/{k}": v for k, v in gold.items()
+                            if isinstance(v, (int, float))})
+    if gold_end.get("gold", {}).get("samples"):
+        summary["gold_samples"] = gold_end["gold"]["samples"][:3]
     return summary
 
 
 def describe_result(summary: dict) -> str:
     parts = []
     for label, start, end in (("gold", "gold_start/mean_gold_score", "gold_end/mean_gold_score"),
+                              ("sampled gold", "gold_sampled_start/mean_gold_score",
+                               "gold_sampled_end/mean_gold_score"),
                               ("rm score", "rm_score_mean_start", "rm_score_mean_end"),
                               ("KL", "kl_start", "kl_end")):
         if start in summary and end in summary:

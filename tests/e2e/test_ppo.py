@@ -41,7 +41,7 @@ def ppo_args(*overrides: str) -> tuple[str, ...]:
 EVERY_OPTION = ("lora.enabled=true", "value.shared_backbone=true", "ema.decay=0.5",
                 "ptx.coef=0.5", "ptx.seq_len=32", "ptx.batch_size=2", "kl.adaptive=true",
                 "kl.target=1.0", "kl.estimator=k3", "ppo.whiten_rewards=true", "train.grad_accum=2",
-                "value.lr=1e-3")
+                "value.lr=1e-3", "eval.sampled_answers=2")
 
 
 def show(home: Path, ref: str) -> dict:
@@ -102,7 +102,7 @@ def test_ppo_raises_the_score_on_a_kl_leash(home):
 def test_lineage_metrics_samples_and_published_model(home):
     from transformers import AutoModelForCausalLM
 
-    result = run_json(rlhf(home, *ppo_args()))
+    result = run_json(rlhf(home, *ppo_args("eval.sampled_answers=2")))
     lineage = json.loads(rlhf(home, "registry", "lineage", "ppo:latest", "--json").stdout)
     assert lineage["stage"] == "ppo"
     assert lineage["parents"]["policy"]["stage"] == "pretrain"
@@ -114,12 +114,14 @@ def test_lineage_metrics_samples_and_published_model(home):
                  "eos_rate", "lr", "kl_coef", "policy_loss"):
         assert [step for step, _ in record["metrics"][name]] == [1, 2, 3, 4], name
     # Gold at the start, every train.eval_every steps, and at the end.
-    assert [step for step, _ in record["metrics"]["gold/mean_gold_score"]] == [0, 2, 4]
+    for series in ("gold", "gold_sampled"):
+        assert [step for step, _ in record["metrics"][f"{series}/mean_gold_score"]] == [0, 2, 4]
     summary = record["summary"]
     assert summary["prompts"] + summary["prompts_dropped"] == 512
     assert summary["prompts_truncated"] > 0  # data.max_prompt_tokens=24 cuts the longer ones
-    for key in ("gold_start/mean_gold_score", "gold_end/mean_gold_score", "rm_score_mean_start",
-                "rm_score_mean_end", "kl_end"):
+    for key in ("gold_start/mean_gold_score", "gold_end/mean_gold_score",
+                "gold_sampled_start/mean_gold_score", "gold_sampled_end/count_accuracy",
+                "rm_score_mean_start", "rm_score_mean_end", "kl_end"):
         assert key in summary
     samples = [json.loads(line) for line in record["samples"].splitlines()]
     assert [row["step"] for row in samples] == [2, 2, 4, 4]
