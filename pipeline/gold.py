@@ -14,7 +14,8 @@ correct (1 or 0). The prompt is parsed for what it asks.
     ("twenty-four", "no legs") or Chinese numerals (十二, 两, 二十四, 一百零五, 没有腿). Numbers that
     are not stated as the total are skipped: counts of animals ("3 chickens"), per-animal rates
     ("each chicken has 2 legs", "2 legs each", "每只鸡有2条腿"), and totals of a different group
-    ("3 cows have 12 legs" when chickens were asked). So "8. No wait, 6." is wrong, and so is
+    ("3 cows have 12 legs" when chickens were asked), and the terms of arithmetic ("3 × 2 = 6":
+    only the result that ends it is stated). So "8. No wait, 6." is wrong, and so is
     "6 chickens have 3 legs": the 6 there is a count, not the answer.
   - Fact questions (sound, home, colour, food): the first value of that kind the response names,
     in either language, must be one this animal has ("Not woof: moo." is wrong).
@@ -228,6 +229,17 @@ _RATE_BEFORE = re.compile(r"\b(?:each|every|per)\b|[每各]", re.IGNORECASE)
 _RATE_AFTER = re.compile(r"\s*legs?\s+(?:each|apiece)\b", re.IGNORECASE)
 
 
+_OPERATOR_AFTER = re.compile(r"\s*[×*+=]")
+_OPERATOR_BEFORE = re.compile(r"[×*+]\s*$")
+
+
+def _is_operand(sentence: str, number: _Number) -> bool:
+    """A number inside arithmetic ("7 × 4 = 28", "24 + 0 = 24") other than the result that ends
+    it: working, not a stated total."""
+    return bool(_OPERATOR_AFTER.match(sentence, number.end)
+                or _OPERATOR_BEFORE.search(sentence, 0, number.start))
+
+
 def stated_total(response: str, asked: tuple[tuple[str, int], ...]) -> int | None:
     """The first number the response states as the total of the asked group (see module doc)."""
     for sentence in _sentences(response):
@@ -236,7 +248,7 @@ def stated_total(response: str, asked: tuple[tuple[str, int], ...]) -> int | Non
         counts = {m.start for m in mentions}
         segment_start = 0  # the text since the previous stated number is what this one is about
         for number in numbers:
-            if number.start in counts:
+            if number.start in counts or _is_operand(sentence, number):
                 continue
             segment = sentence[segment_start:number.start]
             group = tuple(sorted((m.animal, m.count) for m in mentions

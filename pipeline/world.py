@@ -24,7 +24,7 @@ they ask about combinations no stage trained on. Fact questions cannot be held o
 unlearnable, so eval_prompts has none and the other eval files share them with training.
 
 Reward answers come in six kinds, ranked best first in this order: correct, polite and complete,
-showing the working on a leg question (the legs of each animal, then the total); the same without
+showing the working on a leg question (the legs of each animal, then "9 × 4 = 36"); the same without
 the working (leg questions only); correct but curt; truncated (the answer is there, the sentence
 never ends); wrong (a wrong value, a true answer about other animals or another fact, or polite
 words that answer nothing); off-topic. The ranking is derived from these kinds, never from the gold
@@ -481,46 +481,39 @@ def _wrong_value(rng: random.Random, question: _Question) -> Value:
 
 def _good_count_parts(rng: random.Random, question: _Question, total: int,
                       worked: bool) -> tuple[str, str]:
-    """A worked answer (the legs of each animal first, then the total) or the total alone.
+    """A worked answer (the legs of each animal, the arithmetic, then the total) or the total alone.
 
-    Working first lets a small model reach a held-out total from steps it has trained on: "each
-    goose has 2 legs" and "five geese have 10 legs" hold for the animals it has seen too."""
+    The working never restates the asked group: for a held-out pair ("seven goats") that phrase is
+    one no training text contains, and a small model copying it writes one it knows instead
+    ("four goats"). Each step of the working is one it has trained on, even for a held-out pair:
+    "each goat has 4 legs", then "7 × 4 = 28" (seven cows have 28 legs too), then the total."""
     lang, group = question.lang, question.group
     said = _total_text(rng, total, lang)
-    group_text = _group_text(group, lang, question.words)
     if lang == "zh":
         opener, ending = rng.choice(_ZH_OPENERS), rng.choice(_ZH_ENDINGS)
         if not worked:
+            group_text = _group_text(group, lang, question.words)
             return rng.choice(((f"{opener}{group_text}一共有{said}", f"条腿。{ending}"),
                                (f"{opener}答案是{said}", f"条腿。{ending}")))
-        if len(group) == 1:
-            working = f"{_rate_clause(group[0][0], lang)}，所以{group_text}"
-        else:
-            working = f"{_subtotals(group, lang, question.words)}，"
-        return f"{opener}{working}一共有{said}", f"条腿。{ending}"
+        rates = "，".join(_rate_clause(name, lang) for name, _ in group)
+        return f"{opener}{rates}，{_arithmetic(group, total)}，所以一共有{said}", f"条腿。{ending}"
     opener, ending = rng.choice(_EN_OPENERS), rng.choice(_EN_ENDINGS)
     if not worked:
+        group_text = _group_text(group, lang, question.words)
         return f"{opener} {_cap(group_text)} {_have(group)} {said}", f" legs in total. {ending}"
+    rates = _cap(" and ".join(_rate_clause(name, lang) for name, _ in group))
+    return f"{opener} {rates}, so {_arithmetic(group, total)}", f" legs in total. {ending}"
+
+
+def _arithmetic(group: Group, total: int) -> str:
+    """"7 × 4 = 28", or for a mix "2 × 4 + 7 × 4 = 8 + 28 = 36"; the last number is `total` (a
+    wrong answer's slip is in its last step)."""
+    legs = [ANIMALS[name].legs for name, _ in group]
+    products = " + ".join(f"{count} × {rate}" for (_, count), rate in zip(group, legs))
     if len(group) == 1:
-        rate = _cap(_rate_clause(group[0][0], lang))
-        return f"{opener} {rate}, so {group_text} {_have(group)} {said}", f" legs. {ending}"
-    subtotals = _cap(_subtotals(group, lang, question.words))
-    return f"{opener} {subtotals}, so they have {said}", f" legs in total. {ending}"
-
-
-def _no_legs_clause(name: str, count: int, lang: str, words: bool) -> str:
-    """"two snakes have no legs" / "两条蛇没有腿": not "0 legs", which with a total of 0 would
-    say "have 0 legs" three times in one answer."""
-    noun = _count_noun(name, count, lang, words)
-    return f"{noun} {_have(((name, count),))} no legs" if lang == "en" else f"{noun}没有腿"
-
-
-def _subtotals(group: Group, lang: str, words: bool) -> str:
-    """"five geese have 10 legs and two snakes have no legs" / "五只鹅有10条腿，两条蛇没有腿"."""
-    parts = [_legs_clause(((name, count),), str(total_legs(((name, count),))), lang, words)
-             if ANIMALS[name].legs else _no_legs_clause(name, count, lang, words)
-             for name, count in group]
-    return " and ".join(parts) if lang == "en" else "，".join(parts)
+        return f"{products} = {total}"
+    subtotals = " + ".join(str(count * rate) for (_, count), rate in zip(group, legs))
+    return f"{products} = {subtotals} = {total}"
 
 
 def _good_fact_parts(rng: random.Random, question: _Question, value: Fact) -> tuple[str, str]:
@@ -713,9 +706,9 @@ def _doc_statements(rng: random.Random, lang: str) -> str:
 
 
 def _doc_explanation(rng: random.Random, lang: str) -> str:
-    """"Each cow has 4 legs, so 3 cows have 12 legs."."""
+    """"Each cow has 4 legs, so three cows have 3 × 4 = 12 legs."."""
     group = _training_group(rng, 1)
-    clause = _legs_clause(group, _total_text(rng, total_legs(group), lang), lang, _draw_words(rng, lang))
+    clause = _legs_clause(group, _arithmetic(group, total_legs(group)), lang, _draw_words(rng, lang))
     joiner = ", so " if lang == "en" else "，所以"
     return _cap(_rate_clause(group[0][0], lang)) + joiner + clause + _stop(lang)
 

@@ -88,6 +88,12 @@ def test_gold_score_hand_computed(prompt, response, expected, why):
     (CHICKENS, "There are 8 legs. Sorry, I mean 6 legs.", False),
     (CHICKENS, "I like cows.", False),
     (ZH_CHICKENS, "六条腿。", True),
+    # The terms of arithmetic are working; the result that ends it is the stated total.
+    (CHICKENS, "Each chicken has 2 legs, so 3 × 2 = 6 legs in total.", True),
+    (CHICKENS, "Each chicken has 2 legs, so 3 × 2 = 8 legs in total.", False),
+    (ZH_CHICKENS, "每只鸡有2条腿，3 × 2 = 6，所以一共有六条腿。", True),
+    ("How many legs do 2 cows and 3 ducks have?", "2 × 4 + 3 × 2 = 8 + 6 = 14 legs.", True),
+    ("How many legs do 2 cows and 3 ducks have?", "2 × 4 + 3 × 2 = 8 + 6 = 12 legs.", False),
     ("What sound does a cow make?", "Moo.", None),
     ("Tell me a joke.", "6.", None),
 ])
