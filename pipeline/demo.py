@@ -48,7 +48,7 @@ def demo(overrides: list[str]) -> int:
 
     print(f"\na conversation with the final model ({pipeline.summary['final_run']}):")
     model, tokenizer = load_for_sampling(resolve_model(registry, pipeline.id))
-    conversation = Conversation(model, tokenizer, SamplingConfig(max_new_tokens=64, temperature=0))
+    conversation = Conversation(model, tokenizer, SamplingConfig(max_new_tokens=96, temperature=0))
     for question in CONVERSATION:
         print(f"  you> {question}")
         print(f"  assistant> {conversation.reply(question)}")
