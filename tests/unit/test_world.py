@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 TRAINING_FILES = ("pretrain", "sft_train", "reward_train", "ppo_prompts")
 EVAL_FILES = ("sft_eval", "reward_eval", "eval_prompts")
 CJK = re.compile(r"[\u4e00-\u9fff]")
-# A leg answer that shows its working: the legs of one animal, or a subtotal before the total.
-WORKED = re.compile(r"\beach\b|每|so they have|腿，.*一共有", re.IGNORECASE)
+# A leg answer that shows its working: the legs of each animal, then the arithmetic.
+WORKED = re.compile(r"\beach\b|每|×", re.IGNORECASE)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,8 @@ def test_right_leg_answers_that_show_the_working_rank_above_right_answers_withou
         worked = [i for i in right if WORKED.search(row["responses"][i])]
         bare = [i for i in right if i not in worked]
         assert all(rank[w] < rank[b] for w in worked for b in bare), row
+        # The working never restates the asked group ("seven goats"), only counts and legs.
+        assert not any(find_mentions(row["responses"][i]) for i in worked), row
         both_kinds += bool(worked and bare)
     assert both_kinds > 500
 
