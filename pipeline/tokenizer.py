@@ -89,9 +89,9 @@ def train_tokenizer(
 
     Byte-level means any UTF-8 text (Chinese included) encodes without unknown tokens. Each CJK
     character is its own pre-token (see `CJK_CHARACTER`), so a merge never spans two of them.
-    Training is deterministic: the same texts give the same vocabulary and merges. On a small corpus the
-    vocabulary can come out smaller than `vocab_size` (no pair left to merge); size the model's
-    embedding from `len(tokenizer)`.
+    Training is deterministic: the same texts give the same vocabulary and merges. On a small
+    corpus the vocabulary can come out smaller than `vocab_size` (no pair left to merge); size the
+    model's embedding from `len(tokenizer)`.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast

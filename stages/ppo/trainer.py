@@ -722,7 +722,8 @@ def describe_setup(config: Config, inputs: Inputs, models: Models) -> str:
 
 
 # -- gold evaluation, samples, summary ------------------------------------------------------------
-GOLD_SERIES = ("gold", "gold_sampled")  # answers at eval.temperature; answers sampled as in training
+# The metric prefixes: answers at eval.temperature; answers sampled as in training.
+GOLD_SERIES = ("gold", "gold_sampled")
 
 
 def measure_gold(policy, tokenizer, prompts: list[str], config: Config) -> dict[str, dict]:
