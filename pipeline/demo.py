@@ -1,5 +1,5 @@
 """`make demo`: the whole tiny pipeline on the embedded world, then its report card, the gold score
-after each stage, and a short conversation with the final model.
+after each stage, and two questions put to the final model.
 
     python -m pipeline.demo [sft.train.max_steps=50 ...]     (registry home: ./runs or $RLHF_HOME)
 
@@ -46,10 +46,13 @@ def demo(overrides: list[str]) -> int:
               f"{number_text(gold['count_accuracy'])}   format adherence "
               f"{number_text(gold['format_adherence'])}")
 
-    print(f"\na conversation with the final model ({pipeline.summary['final_run']}):")
+    # The world's demonstrations are single turns: a tiny model lost after one turn of history
+    # ("Of course!" and nothing more), so each question starts a new chat.
+    print(f"\nchats with the final model ({pipeline.summary['final_run']}), one question each:")
     model, tokenizer = load_for_sampling(resolve_model(registry, pipeline.id))
     conversation = Conversation(model, tokenizer, SamplingConfig(max_new_tokens=96, temperature=0))
     for question in CONVERSATION:
+        conversation.reset()
         print(f"  you> {question}")
         print(f"  assistant> {conversation.reply(question)}")
     print(f"\ntalk to it yourself: .venv/bin/rlhf chat {pipeline.id}")
