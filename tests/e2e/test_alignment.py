@@ -6,8 +6,8 @@ The other end-to-end tests check mechanisms on barely trained models; these chec
 aligns. The reward model ranks held-out answers as the labels do, and PPO against it raises the
 gold score of the answers it optimizes (sampled as in training) while the KL penalty keeps the
 policy near the SFT model. The runs are seeded; the thresholds sit below the figures measured on
-this project's CPUs (reward accuracy 0.931, sampled gold +0.055, reward-model score +0.9, KL 0.91
-over the last 10 steps) to leave room for another CPU's rounding.
+this project's CPUs (reward accuracy 0.931, sampled gold +0.055, greedy gold +0.007, reward-model
+score +0.9, KL 0.91 over the last 10 steps) to leave room for another CPU's rounding.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def test_ppo_raises_the_gold_score_on_held_out_prompts_on_a_kl_leash(tiny_recipe
     summary, metrics = tiny_recipe["ppo"], tiny_recipe["ppo_metrics"]
     start = summary["gold_sampled_start/mean_gold_score"]
     end = summary["gold_sampled_end/mean_gold_score"]
-    assert end > start + 0.03, (start, end)
-    # Greedy answers, which PPO does not optimize directly, must not get worse.
-    assert summary["gold_end/mean_gold_score"] > summary["gold_start/mean_gold_score"] - 0.02
+    assert end > start + 0.025, (start, end)
+    # Greedy answers, which PPO does not optimize directly, must not get worse beyond the noise of
+    # 100 prompts.
+    assert summary["gold_end/mean_gold_score"] > summary["gold_start/mean_gold_score"] - 0.05
     # Per-step means over 32 answers are noisy: compare the first 5 steps with the last 10.
     rm_score = [value for _, value in metrics["rm_score_mean"]]
     assert mean(rm_score[-10:]) > mean(rm_score[:5]) + 0.3, rm_score
