@@ -42,7 +42,7 @@ import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -738,10 +738,9 @@ def measure_gold(policy, tokenizer, prompts: list[str], config: Config) -> dict[
     summaries = {"gold": gold_eval(policy, tokenizer, prompts, sampling, seed=config.seed)}
     if evaluation.sampled_answers:
         repeated = [prompt for prompt in prompts for _ in range(evaluation.sampled_answers)]
-        sampling = SamplingConfig(max_new_tokens=evaluation.max_new_tokens,
-                                  temperature=generation.temperature, top_k=generation.top_k,
-                                  top_p=generation.top_p)
-        summaries["gold_sampled"] = gold_eval(policy, tokenizer, repeated, sampling,
+        as_in_training = replace(sampling, temperature=generation.temperature,
+                                 top_k=generation.top_k, top_p=generation.top_p)
+        summaries["gold_sampled"] = gold_eval(policy, tokenizer, repeated, as_in_training,
                                               seed=config.seed)
     return summaries
 
