@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m pipeline.commands.demo
 
 # `rlhf label`'s page is tested in a real headless browser: Debian's chromium, installed here when
 # it is missing and apt can install it (as root). The browser test is skipped only without it.

@@ -9,7 +9,7 @@ tokens; answers of exactly 32 tokens (EOS is blocked before that); 16 episodes p
 minibatches, 2 PPO epochs; 128 episodes; 2 CPU threads. Models are randomly initialized: the
 throughput does not depend on what they know when every answer has the same length.
 
-It drives `stages.ppo.trainer.PPOTrainer`, the class the stage itself runs, so what is measured is
+It drives `stages.ppo.update.PPOTrainer`, the class the stage itself runs, so what is measured is
 the stage's own rollout (sampling with the KV cache, reward, reference and value passes, GAE) and
 update (clipped policy and value losses, optimizer steps). Every step counts, the first included.
 
@@ -42,8 +42,9 @@ def build_trainer(seed: int):
     from accelerate import Accelerator
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from stages.ppo.rollout import Models, TokenScorer
-    from stages.ppo.trainer import Config, PPOTrainer, frozen
+    from stages.ppo.config import Config
+    from stages.ppo.models import Models, TokenScorer, frozen
+    from stages.ppo.update import PPOTrainer
 
     config = Config.model_validate({
         "seed": seed,

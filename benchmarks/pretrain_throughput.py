@@ -42,8 +42,8 @@ def stage_tokens_per_s(home: Path, overrides: list[str]) -> tuple[float, object]
 
 def plain_tokens_per_s(config, home: Path, steps: int) -> float:
     """The same training as a bare loop: no registry, no accelerate, no logging."""
-    from pipeline.data import read_text_corpus
-    from pipeline.sources import world_file
+    from pipeline.data.formats import read_text_corpus
+    from pipeline.world.cache import world_file
     from pipeline.tokenizer import load_tokenizer
 
     registry = Registry(home)

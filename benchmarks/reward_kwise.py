@@ -35,9 +35,11 @@ import torch  # noqa: E402  (after the path set-up, so the project imports from 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.models import checked_path  # noqa: E402
 from pipeline.registry import Registry, Resolved  # noqa: E402
-from pipeline.scoring import build_reward_model, load_reward_model, reward_tokenizer  # noqa: E402
-from stages.reward import (Config, RankedSet, data_files, held_out_metrics, load_splits,  # noqa: E402
-                           run, score_batch_size)
+from pipeline.reward_model import (build_reward_model, load_reward_model,  # noqa: E402
+                                   reward_tokenizer)
+from pipeline.world.cache import train_and_eval_files  # noqa: E402
+from stages.reward import (Config, RankedSet, held_out_metrics, load_splits, run,  # noqa: E402
+                           score_batch_size)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(Config, args.config, [
         f"model.source={parent_path}", "train.eval_every=0", "normalize.answers=best_ranked"])
     config.train.batch_size = args.batch_prompts or config.train.batch_size
-    config.data.train_files, config.data.eval_files = data_files(config, registry)
+    config.data.train_files, config.data.eval_files = train_and_eval_files(
+        registry, config.data, "reward")
     tokenizer = reward_tokenizer(parent_path)
     train_set, eval_set = load_splits(tokenizer, config.data.train_files, config.data.eval_files,
                                       config)

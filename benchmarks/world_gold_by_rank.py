@@ -16,8 +16,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.gold import gold_score
-from pipeline.world import write_world
+from pipeline.world.gold import gold_score
+from pipeline.world.farm import write_world
 
 REPO = Path(__file__).resolve().parents[1]
 

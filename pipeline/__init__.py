@@ -1,7 +1,8 @@
 """rlhf-pipeline: the InstructGPT recipe (pretrain → sft → reward → ppo) as one tool.
 
-`pipeline` holds what the stages share: configs, the checkpoint registry, the runtime,
-models, data adapters and the embedded world. `stages` holds one module per stage.
+`pipeline` is the library the stages share (configs, the checkpoint registry, the runtime and
+training loop, models, tokenizer, data, the embedded world); `pipeline.commands` holds the `rlhf`
+commands on top; `stages` holds one module per stage. The library never imports either.
 """
 
 __version__ = "0.1.0"

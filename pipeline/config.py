@@ -182,6 +182,8 @@ def describe_error(config_cls: type[BaseModel], error: dict, source: str) -> str
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "one of the allowed values")
         return f"{source}: {dotted} must be {expected}, got {error.get('input')!r}"
+    if kind == "value_error":  # a rule of a config's own (a model validator): its message
+        return f"{source}: {error['ctx']['error']}"
     expected = _EXPECTED.get(kind)
     if expected:
         return f"{source}: {dotted} expects {expected}, got {error.get('input')!r}"

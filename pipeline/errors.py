@@ -14,6 +14,13 @@ class UserError(Exception):
     """A problem with the user's input. `str(err)` is the whole message, one line."""
 
 
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message (its type name when it has none): library
+    errors can span many lines, and the project's messages are one."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C (SIGINT)
 

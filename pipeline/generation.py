@@ -1,8 +1,8 @@
-"""Sampling answers from a causal LM in batches, and the gold-score evaluation built on it.
+"""Sampling answers from a causal LM: in batches, or turn by turn in a conversation.
 
-Used by SFT and PPO (gold score on held-out prompts), `rlhf generate`, `rlhf chat`, the report
-and `rlhf data gold-score`. Prompts are chat-formatted with the tokenizer's template, left-padded
-and sampled with the KV cache; decoding stops at EOS.
+Used by the gold evals (`pipeline.world.evaluation`), reward normalization, `rlhf generate`,
+`rlhf chat`, the labeling page and the report. Prompts are chat-formatted with the tokenizer's
+template, left-padded and sampled with the KV cache; decoding stops at EOS.
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.tokenizer import encode_prompt, left_pad
+from pipeline.data.packing import left_pad
+from pipeline.errors import UserError
+from pipeline.models import is_reward_model, load_causal_lm
+from pipeline.registry import Resolved
+from pipeline.tokenizer import encode_prompt, load_tokenizer
 
 
 @dataclass
@@ -21,6 +25,16 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     batch_size: int = 32
+
+    @classmethod
+    def from_options(cls, options) -> "SamplingConfig":
+        """The settings of a command's --temperature, --top-k and --max-new-tokens, checked."""
+        if options.temperature < 0:
+            raise UserError(f"--temperature must be 0 (greedy) or more, got {options.temperature}")
+        if options.top_k < 0 or options.max_new_tokens < 1:
+            raise UserError("--top-k must be 0 (off) or more and --max-new-tokens at least 1")
+        return cls(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                   top_k=options.top_k, batch_size=32)
 
 
 @torch.no_grad()
@@ -58,18 +72,75 @@ def generate_kwargs(tokenizer, sampling: SamplingConfig) -> dict:
     return kwargs
 
 
-def gold_eval(model, tokenizer, prompts: list[str], sampling: SamplingConfig | None = None,
-              seed: int = 0) -> dict:
-    """Sample answers to the world's held-out prompts and score them with the gold scorer.
+def load_for_sampling(resolved: Resolved):
+    """A causal LM and its tokenizer, ready to generate (eval mode, GPU when there is one)."""
+    from transformers.utils.logging import disable_progress_bar
 
-    Returns the gold scorer's summary (`mean_gold_score`, `count_accuracy`, `format_adherence`,
-    `mean_length`, `samples`). Evaluation only: nothing trains on these numbers.
-    """
-    from pipeline.gold import summarize
-    answers = sample(model, tokenizer, prompts, sampling, seed=seed)
-    return summarize(prompts, answers)
+    disable_progress_bar()  # a bar per weight load would interleave with the conversation
+    if is_reward_model(resolved.path):
+        raise UserError(f"{resolved.path} is a reward model, which scores answers rather than "
+                        f"writing them; pass a policy (e.g. sft:latest or ppo:latest), and the "
+                        f"reward model as --reward")
+    model = load_causal_lm(resolved, trainable_adapter=False)
+    tokenizer = load_tokenizer(resolved.path)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # The tokenizer needed chat tokens the model never saw; sampling must not index past them.
+        model.resize_token_embeddings(len(tokenizer))
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, tokenizer
 
 
-def gold_metrics(summary: dict, series: str = "gold") -> dict[str, float]:
-    """The numeric part of a gold summary, prefixed for the registry's metric series."""
-    return {f"{series}/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+def prompt_budget(model, max_new_tokens: int) -> int:
+    """Prompt tokens that fit in the model's context next to the answer."""
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    if max_new_tokens >= context:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the "
+                        f"model's context of {context} tokens; lower it")
+    return context - max_new_tokens
+
+
+class Conversation:
+    """A multi-turn chat with one model: the history, and the next answer to it."""
+
+    def __init__(self, model, tokenizer, sampling: SamplingConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.max_prompt_tokens = prompt_budget(model, sampling.max_new_tokens)
+        self.messages: list[dict[str, str]] = []
+
+    def reset(self) -> None:
+        self.messages = []
+
+    @torch.no_grad()
+    def reply(self, text: str, stream: bool = False) -> str:
+        """The model's answer to `text` after the history so far (printed as it comes when
+        `stream`); both join the history. A long history keeps its latest turns."""
+        messages = [*self.messages, {"role": "user", "content": text}]
+        prompt_ids = encode_prompt(self.tokenizer, messages, self.max_prompt_tokens)
+        input_ids = torch.tensor([prompt_ids], device=self.model.device)
+        streamer = answer_streamer(self.tokenizer) if stream else None
+        output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     streamer=streamer,
+                                     **generate_kwargs(self.tokenizer, self.sampling))
+        answer = self.tokenizer.decode(output[0, len(prompt_ids):],
+                                       skip_special_tokens=True).strip()
+        self.messages = [*messages, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def answer_streamer(tokenizer):
+    """A TextStreamer that prints the answer as it comes, without the space its first token
+    carries (the answer kept in the history is stripped the same way)."""
+    from transformers import TextStreamer
+
+    class AnswerStreamer(TextStreamer):
+        started = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            super().on_finalized_text(text, stream_end)
+
+    return AnswerStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 from pipeline.config import LoraConfig, remote_code_warning
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.registry import MANIFEST, Resolved, require_intact
+
+ADAPTER_CONFIG = "adapter_config.json"  # what marks a directory as a peft (LoRA) adapter
 
 # hidden, layers, heads, intermediate, vocab, context
 PRESETS = {
@@ -62,14 +64,14 @@ def load_causal_lm(resolved: Resolved, *, trust_remote_code: bool = False,
     from transformers import AutoModelForCausalLM
     path = checked_path(resolved)
     warn_remote_code(trust_remote_code)
-    adapter = Path(path) / "adapter_config.json"
+    adapter = Path(path) / ADAPTER_CONFIG
     try:
         if adapter.exists():
             return _load_adapter(path, adapter, trust_remote_code, trainable_adapter)
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                     dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load a causal LM from {path}: {first_line(err)}") from None
 
 
 def _load_adapter(path: str, adapter_file: Path, trust_remote_code: bool, trainable: bool):
@@ -92,7 +94,7 @@ def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
         return get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"lora.target_modules {lora.target_modules} do not fit this model: "
-                        f"{str(err).splitlines()[0]}") from None
+                        f"{first_line(err)}") from None
 
 
 def merge_adapter(model):
@@ -111,6 +113,19 @@ def _set_generation_ids(model, tokenizer) -> None:
     model.generation_config.bos_token_id = None
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model, trainable_only: bool = False) -> int:
+    """The model's parameters (only those that train, with `trainable_only`)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
+
+def is_reward_model(path: str | Path) -> bool:
+    """A published reward model is a sequence classifier, which has no answers to give."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except (ValueError, AttributeError):  # not a config we can read: loading will say what is wrong
+        return False
+    return bool(architectures) and all(name.endswith("ForSequenceClassification")
+                                       for name in architectures)

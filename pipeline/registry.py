@@ -31,6 +31,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
+PIPELINE_STAGE = "pipeline"  # the runs of `rlhf pipeline run`, whose summary names their stage runs
 STATUSES = ("running", "completed", "failed", "interrupted")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: `$` would allow a final "\n"
 _STEP_RE = re.compile(r"^(.+)@(\d+)$")
@@ -243,17 +244,36 @@ class Registry:
         rows = self._db.execute(query + " ORDER BY created_at, id", args).fetchall()
         return [self._to_run(row) for row in rows]
 
-    def find_matching(self, stage: str, config_hash: str, data_fingerprint: str,
-                      parents: dict[str, Resolved]) -> Run | None:
-        """The newest run of `stage` with the same config, data and parents (for reuse or resume)."""
+    def find_matching(self, stage: str, config_hash: str, data_fingerprint: str | None,
+                      parents: dict[str, Resolved],
+                      statuses: tuple[str, ...] = ("completed", "interrupted", "failed"),
+                      ) -> Run | None:
+        """The newest run of `stage` with the same config, data and parents and one of
+        `statuses` (for reuse or resume); `data_fingerprint=None` matches any data."""
         wanted = {role: (p.run.id if p.run else p.path) for role, p in parents.items()}
         for run in reversed(self.runs(stage)):
-            if run.config_hash != config_hash or run.data_fingerprint != data_fingerprint:
+            if run.config_hash != config_hash or data_fingerprint not in (None,
+                                                                          run.data_fingerprint):
                 continue
             have = {role: run.parent_runs.get(role, ref) for role, ref in run.parents.items()}
-            if have == wanted and run.status in ("completed", "interrupted", "failed"):
+            if have == wanted and run.status in statuses:
                 return run
         return None
+
+    def stage_runs(self, run: Run, order: list[str]) -> dict[str, Run]:
+        """The stage runs behind a run, by stage, in `order`: a pipeline's own stages, or a
+        stage run and its registry ancestors."""
+        if run.stage == PIPELINE_STAGE:
+            found = {name: self.get(entry["run"])
+                     for name, entry in run.summary.get("stages", {}).items()}
+        else:
+            found = {}
+            pending = [run]
+            while pending:
+                current = pending.pop()
+                found.setdefault(current.stage, current)
+                pending += [self.get(parent) for parent in current.parent_runs.values()]
+        return {name: found[name] for name in order if name in found}
 
     def set_status(self, run_id: str, status: str, summary: dict | None = None) -> None:
         assert status in STATUSES
@@ -337,6 +357,12 @@ class Registry:
                                 f"STAGE:latest or an alias); see `rlhf registry ls`")
             return self._state_ref(run, int(step_match.group(2)))
         run = self.lookup(ref)
+        if run is not None and run.stage == PIPELINE_STAGE:  # a pipeline means its final model
+            final = run.summary.get("final_run")
+            if not final:
+                raise UserError(f"pipeline {run.id} has not finished (status {run.status}); "
+                                f"`rlhf resume {run.id}` continues it")
+            run = self.get(final)
         if run is not None:
             if run.status != "completed" or not run.model_path:
                 raise UserError(f"run {run.id} has no published model (status {run.status}); "
@@ -414,10 +440,29 @@ class Registry:
         problems = []
         for run in runs:
             if run.model_path:
-                problems += [f"{run.id}: {p}" for p in verify_directory(Path(run.model_path))]
+                problems += [f"{run.id}: {p}" for p in directory_problems(Path(run.model_path))]
             for _, state_dir in list_states(self.run_dir(run.id)):
-                problems += [f"{run.id}: {p}" for p in verify_directory(state_dir)]
+                problems += [f"{run.id}: {p}" for p in directory_problems(state_dir)]
         return problems
+
+
+def open_registry(home: str | Path | None) -> Registry | None:
+    """The registry at `home` if one exists there (reading a plain directory needs none)."""
+    path = Path(home) if home else default_home()
+    return Registry(path, create=False) if (path / "registry.db").exists() else None
+
+
+def resolve_model(registry: Registry | None, ref: str) -> Resolved:
+    """A model reference as `Registry.resolve` reads it; without a registry only a directory or
+    a hub name can mean a model."""
+    if registry is not None:
+        return registry.resolve(ref)
+    if Path(ref).is_dir():
+        return Resolved(str(Path(ref).resolve()))
+    if "/" in ref and not ref.startswith((".", "/")) and not Path(ref).exists():
+        return Resolved(ref)
+    raise UserError(f"'{ref}' is not a model directory and there is no registry to look it "
+                    f"up in; pass --home DIR or a model directory")
 
 
 def check_name(name: str, what: str) -> str:
@@ -492,7 +537,7 @@ def commit_directory(final: Path, write_files) -> dict[str, str]:
         write_files(tmp)
         _fsync_tree(tmp)
         if final.exists():
-            if not verify_directory(final):
+            if not directory_problems(final):
                 raise UserError(f"{final} is already committed; refusing to overwrite it")
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -520,7 +565,7 @@ def write_manifest(directory: Path, files: dict[str, str]) -> None:
     fsync_dir(directory)
 
 
-def verify_directory(directory: Path) -> list[str]:
+def directory_problems(directory: Path) -> list[str]:
     """Every problem with a committed directory, each naming the file; [] when intact."""
     manifest = directory / MANIFEST
     if not directory.is_dir():
@@ -543,7 +588,7 @@ def verify_directory(directory: Path) -> list[str]:
 
 def require_intact(directory: Path) -> None:
     """Refuse to load a registry checkpoint that fails verification, naming the bad file."""
-    problems = verify_directory(directory)
+    problems = directory_problems(directory)
     if problems:
         raise UserError(f"checkpoint {directory} failed verification: {problems[0]}; "
                         f"run `rlhf registry verify` for details")

@@ -30,12 +30,19 @@ from transformers.utils import logging as transformers_logging
 import pipeline
 from pipeline.config import RuntimeConfig, StageConfig, config_hash, to_dict
 from pipeline.errors import UserError
-from pipeline.registry import (Registry, Resolved, Run, commit_directory, list_states,
-                               verify_directory)
+from pipeline.registry import (Registry, Resolved, Run, commit_directory, directory_problems,
+                               list_states)
 
 # Saving or loading a checkpoint is not a long task worth its own bar; stage progress bars are ours.
 disable_progress_bars()
 transformers_logging.disable_progress_bar()
+
+
+def is_main_process() -> bool:
+    """Whether this process writes records and prints results: under torchrun or accelerate
+    launch every process runs the same command, and the one of rank 0 speaks for them. (A
+    `StageRun` asks its accelerator, which reads the same rank.)"""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Accelerator:
@@ -215,9 +222,16 @@ class StageRun:
         self.accelerator.wait_for_everyone()
         return final
 
-    def fail(self, status: str) -> None:
-        if self.is_main:
-            self.registry.set_status(self.run.id, status)
+    # -- failing ------------------------------------------------------------------------------
+    def __enter__(self) -> "StageRun":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """A stage's training runs inside `with stage_run:`; if it raises, the run is marked
+        interrupted (Ctrl-C) or failed, so `rlhf resume` finds it. The error propagates."""
+        if kind is not None and self.is_main:
+            self.registry.set_status(self.run.id, "interrupted" if issubclass(
+                kind, KeyboardInterrupt) else "failed")
 
 
 def _decide(stage, config, digest, registry, parents, data_fingerprint, restart, pipeline_id):
@@ -251,7 +265,7 @@ def clear_debris(run_dir: Path) -> None:
 def newest_intact_state(registry: Registry, run: Run) -> ResumePoint | None:
     """The newest committed state that verifies; broken ones are reported and skipped."""
     for step, path in list_states(registry.run_dir(run.id)):
-        problems = verify_directory(path)
+        problems = directory_problems(path)
         if problems:
             print(f"state step-{step} of {run.id} is not intact ({problems[0]}); "
                   f"falling back to an older state", file=sys.stderr)

@@ -29,10 +29,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Iterable, Literal
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 END_TOKEN = "<|end|>"
@@ -145,7 +144,7 @@ def load_tokenizer(path_or_name: str, trust_remote_code: bool = False) -> PreTra
         tokenizer = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(
-            f"cannot load a tokenizer from '{path_or_name}': {_first_line(err)}; "
+            f"cannot load a tokenizer from '{path_or_name}': {first_line(err)}; "
             "point to a directory with tokenizer files or a hub name"
         ) from err
     # The template first: it may give the tokenizer an EOS, which the pad token can then reuse.
@@ -190,6 +189,15 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
         tokenizer.pad_token = tokenizer.eos_token
         return False
     return tokenizer.add_special_tokens({"pad_token": PAD_TOKEN}) > 0
+
+
+def check_context(tokenizer, max_length: int) -> None:
+    """Refuse `data.max_length` beyond the context the tokenizer declares: a model cannot
+    train on sequences longer than its positions."""
+    context = tokenizer.model_max_length
+    if context < max_length:
+        raise UserError(f"data.max_length={max_length} is longer than the model's context of "
+                        f"{context} tokens; set data.max_length to at most {context}")
 
 
 def encode_chat(
@@ -258,25 +266,6 @@ def encode_prompt_response(
     return _keep_last(input_ids[:end], max_length)
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into `(input_ids, attention_mask)`, both long tensors (B, T).
-
-    Left padding puts every prompt's last token in the last column, where `generate` appends.
-    """
-    import torch
-
-    if not seqs:
-        raise ValueError("left_pad needs at least one sequence")
-    width = max(len(seq) for seq in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if seq:
-            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, width - len(seq) :] = 1
-    return input_ids, attention_mask
-
-
 def _encode_with_assistant_mask(
     tokenizer: PreTrainedTokenizerBase, messages: Messages
 ) -> tuple[list[int], list[int]]:
@@ -341,7 +330,7 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, **kwargs):
         return tokenizer.apply_chat_template(messages, **kwargs)
     except TemplateError as err:
         raise UserError(
-            f"the chat template rejected a conversation: {_first_line(err)}; "
+            f"the chat template rejected a conversation: {first_line(err)}; "
             "fix the messages' roles or content"
         ) from err
 
@@ -376,9 +365,3 @@ def _keep_last(input_ids: list[int], max_length: int) -> list[int]:
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
     return list(input_ids[-max_length:])
-
-
-def _first_line(err: Exception) -> str:
-    """An exception's message on one line, for a one-line UserError."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -18,9 +18,16 @@ import torch
 from pydantic import Field
 
 from pipeline.config import Section, StageConfig
+from pipeline.data.fingerprint import fingerprint_files
+from pipeline.data.formats import read_text_corpus
+from pipeline.data.packing import pack_blocks
 from pipeline.errors import UserError
+from pipeline.loop import fit, micro_batch_indices
+from pipeline.models import PRESETS, build_from_preset, count_parameters, load_causal_lm
 from pipeline.registry import Registry, Resolved, Run
-from pipeline.sources import WorldSection, world_file
+from pipeline.runtime import StageRun
+from pipeline.tokenizer import load_tokenizer, train_tokenizer
+from pipeline.world.cache import WorldSection, world_file
 
 
 class ModelSection(Section):
@@ -57,9 +64,6 @@ def corpus_paths(config: Config, registry: Registry) -> list[str]:
 
 def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
-    from pipeline.data import fingerprint_files, read_text_corpus
-    from pipeline.runtime import StageRun
-
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)} if config.model.source else {}
     # Load the model to continue before anything is written (the world's files, the run): a bad
@@ -72,16 +76,11 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
                               pipeline_id=pipeline_id)
     if stage_run.reused:
         return stage_run.run
-    try:
+    with stage_run:
         return _train(stage_run, config, texts, source)
-    except BaseException as err:
-        stage_run.fail("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
-        raise
 
 
 def _train(stage_run, config: Config, texts: list[str], source: tuple | None) -> Run:
-    from pipeline.trainer import fit, micro_batch_indices
-
     tokenizer, model = _tokenizer_and_model(stage_run, config, texts, source)
     blocks = pack_blocks(texts, tokenizer, config.data.seq_len)
     n_eval = max(1, int(len(blocks) * config.data.eval_fraction))
@@ -89,7 +88,7 @@ def _train(stage_run, config: Config, texts: list[str], source: tuple | None) ->
         raise UserError(f"the corpus gives only {len(blocks)} blocks of {config.data.seq_len} "
                         f"tokens; add text or lower data.seq_len")
     train_blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
-    stage_run.say(f"pretrain: {model.num_parameters():,} parameters, {len(train_blocks)} train "
+    stage_run.say(f"pretrain: {count_parameters(model):,} parameters, {len(train_blocks)} train "
                   f"blocks of {config.data.seq_len} tokens, {n_eval} eval blocks")
 
     def batches_for_step(step: int):
@@ -110,9 +109,6 @@ def _train(stage_run, config: Config, texts: list[str], source: tuple | None) ->
 
 def _load_source(config: Config, resolved: Resolved) -> tuple:
     """(tokenizer, model) of a checkpoint to continue pretraining."""
-    from pipeline.models import load_causal_lm
-    from pipeline.tokenizer import load_tokenizer
-
     trust = config.runtime.trust_remote_code
     return (load_tokenizer(resolved.path, trust_remote_code=trust),
             load_causal_lm(resolved, trust_remote_code=trust))
@@ -120,9 +116,6 @@ def _load_source(config: Config, resolved: Resolved) -> tuple:
 
 def _tokenizer_and_model(stage_run, config: Config, texts: list[str], source: tuple | None):
     """The resume state's tokenizer and model, else `source`, else new ones from the preset."""
-    from pipeline.models import PRESETS, build_from_preset
-    from pipeline.tokenizer import load_tokenizer, train_tokenizer
-
     resume_dir = stage_run.state_model_dir()
     if resume_dir is not None:
         return _load_source(config, Resolved(str(resume_dir)))
@@ -135,15 +128,6 @@ def _tokenizer_and_model(stage_run, config: Config, texts: list[str], source: tu
         tokenizer = train_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
     tokenizer.model_max_length = PRESETS[config.model.preset]["max_position_embeddings"]
     return tokenizer, build_from_preset(config.model.preset, tokenizer, config.seed)
-
-
-def pack_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Concatenate documents with EOS between them and cut into (N, seq_len) blocks."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
-    n_blocks = len(flat) // seq_len
-    return torch.from_numpy(flat[: n_blocks * seq_len].reshape(n_blocks, seq_len).copy())
 
 
 def causal_lm_loss(model, batch: dict):

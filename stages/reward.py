@@ -18,7 +18,7 @@ Normalization (InstructGPT §3.5): after training, the score head gets the bias 
 answers score 0 on average. `normalize.answers: sft_samples` samples the parent (the SFT policy
 PPO starts from) on eval prompts, so PPO starts near reward 0; `best_ranked` uses the best-ranked
 answers of the eval rankings as a stand-in for demonstrations. The shift is stored in the run
-summary and in `reward_model.json`; see `pipeline.scoring` for why plain transformers cannot apply it.
+summary and in `reward_model.json`; see `pipeline.reward_model` for why plain transformers cannot apply it.
 """
 
 from __future__ import annotations
@@ -32,9 +32,22 @@ import torch
 from pydantic import Field
 
 from pipeline.config import LoraConfig, Section, StageConfig
+from pipeline.data.fingerprint import data_fingerprint
+from pipeline.data.formats import load_ranked_rows
+from pipeline.data.packing import right_pad
 from pipeline.errors import UserError
+from pipeline.generation import SamplingConfig, sample
+from pipeline.loop import fit, micro_batch_indices
+from pipeline.models import (apply_lora, checked_path, count_parameters, load_causal_lm,
+                             merge_adapter)
+from pipeline.ranking import encode_groups, kwise_ranking_loss, ranking_metrics
 from pipeline.registry import Registry, Resolved, Run
-from pipeline.sources import WorldSection, world_file
+from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_model, encode_answers,
+                                   encode_ranked_row, regroup, reward_tokenizer, score_sequences,
+                                   sequence_scores)
+from pipeline.runtime import StageRun
+from pipeline.tokenizer import check_context, load_tokenizer
+from pipeline.world.cache import WorldSection, train_and_eval_files
 
 
 class ModelSection(Section):
@@ -107,41 +120,29 @@ class RankedSet:
 
 def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
-    from pipeline.models import checked_path
-    from pipeline.runtime import StageRun
-    from pipeline.scoring import reward_tokenizer
-    from stages.sft import check_context, fingerprint
-
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
     tokenizer = reward_tokenizer(checked_path(parents["model"]),
                                  trust_remote_code=config.runtime.trust_remote_code)
     check_context(tokenizer, config.data.max_length)
-    train_files, eval_files = data_files(config, registry)
+    train_files, eval_files = train_and_eval_files(registry, config.data, "reward")
     train_set, eval_set = load_splits(tokenizer, train_files, eval_files, config)
     stage_run = StageRun.open("reward", config, registry, parents=parents,
-                              data_fingerprint=fingerprint(train_files, eval_files, None),
+                              data_fingerprint=data_fingerprint(train_files, eval_files, None),
                               restart=restart, pipeline_id=pipeline_id)
     if stage_run.reused:
         return stage_run.run
-    try:
+    with stage_run:
         return _train(stage_run, config, tokenizer, train_set, eval_set, parents["model"])
-    except BaseException as err:
-        stage_run.fail("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
-        raise
 
 
 def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set: RankedSet,
            parent: Resolved) -> Run:
-    from pipeline.models import merge_adapter
-    from pipeline.trainer import fit, micro_batch_indices
-
     stage_run.say(f"reward: {train_set.describe('train', config.data)}; "
                   f"{eval_set.describe('eval', config.data)}")
     model = _reward_model(stage_run, config, tokenizer, parent)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stage_run.say(f"reward: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} "
-                  f"parameters{' (LoRA)' if config.lora.enabled else ''}")
+    stage_run.say(f"reward: {count_parameters(model, trainable_only=True):,} trainable of "
+                  f"{count_parameters(model):,} parameters{' (LoRA)' if config.lora.enabled else ''}")
     pad_id = tokenizer.pad_token_id
 
     def batches_for_step(step: int):
@@ -178,8 +179,6 @@ def _reward_model(stage_run, config: Config, tokenizer, parent: Resolved):
     """The model to train: fresh from the parent (plus a new LoRA adapter), or the resume state's."""
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.models import apply_lora
-    from pipeline.scoring import build_reward_model
 
     trust = config.runtime.trust_remote_code
     resume_dir = stage_run.state_model_dir()
@@ -195,16 +194,6 @@ def _reward_model(stage_run, config: Config, tokenizer, parent: Resolved):
 
 
 # -- data ---------------------------------------------------------------------------------------
-def data_files(config: Config, registry: Registry) -> tuple[list[str], list[str]]:
-    """Train and eval sources: the user's, or the embedded world's reward files."""
-    data = config.data
-    if data.train_files:
-        return list(data.train_files), list(data.eval_files)
-    world = [str(world_file(registry, data.world, name))
-             for name in ("reward_train.jsonl", "reward_eval.jsonl")]
-    return world[:1], list(data.eval_files) or world[1:]
-
-
 def load_splits(tokenizer, train_files: list[str], eval_files: list[str],
                 config: Config) -> tuple[RankedSet, RankedSet]:
     """Read and encode both splits; without eval files, hold out `eval_fraction` of the prompts."""
@@ -219,8 +208,6 @@ def load_splits(tokenizer, train_files: list[str], eval_files: list[str],
 
 def read_rows(sources: list[str], data: DataSection) -> list[dict]:
     """Every ranked row of the sources, each with `_where` = "file:line" for messages."""
-    from pipeline.data import load_ranked_rows
-
     return [{**row, "_where": f"{source}:{row['_line']}"} for source in sources
             for row in load_ranked_rows(source, data.format, data.columns)]
 
@@ -239,8 +226,6 @@ def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
 
 def encode_rankings(tokenizer, rows: list[dict], data: DataSection, split: str) -> RankedSet:
     """Encode every answer as prompt + answer ending at its EOS, applying the truncation policy."""
-    from pipeline.scoring import encode_ranked_row
-
     ranked = RankedSet(read=len(rows))
     for row in rows:
         sequences, cut = encode_ranked_row(tokenizer, row, data.max_length, row["_where"])
@@ -265,8 +250,6 @@ def collate_rankings(sequences: list[list[list[int]]], rank_lists: list[list[int
     Returns input_ids and attention_mask (N, T), right-padded, N = the total number of answers;
     group_ids and ranks (N,) as `kwise_ranking_loss` takes them.
     """
-    from pipeline.ranking import encode_groups
-    from pipeline.scoring import right_pad
 
     input_ids, attention_mask = right_pad([seq for answers in sequences for seq in answers], pad_id)
     group_ids, ranks = encode_groups(rank_lists)
@@ -277,9 +260,6 @@ def collate_rankings(sequences: list[list[list[int]]], rank_lists: list[list[int
 # -- loss, evaluation, normalization --------------------------------------------------------------
 def ranking_loss(model, batch: dict, loss: LossSection):
     """K-wise ranking loss over one flattened micro-batch; every answer scored once."""
-    from pipeline.ranking import kwise_ranking_loss
-    from pipeline.scoring import sequence_scores
-
     scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (N,)
     value, stats = kwise_ranking_loss(scores, batch["group_ids"], batch["ranks"],
                                       margin=loss.margin, center_coef=loss.center_coef)
@@ -294,9 +274,6 @@ def score_batch_size(config: Config) -> int:
 
 def held_out_metrics(model, eval_set: RankedSet, batch_size: int, shift: float) -> dict:
     """`pipeline.ranking.ranking_metrics` of the eval rankings, on scores minus `shift`."""
-    from pipeline.ranking import ranking_metrics
-    from pipeline.scoring import regroup, score_sequences
-
     flat = score_sequences(model, [seq for seqs in eval_set.sequences for seq in seqs],
                            batch_size=batch_size)
     score_lists = regroup([score - shift for score in flat], [len(s) for s in eval_set.sequences])
@@ -319,8 +296,6 @@ def flat_metrics(metrics: dict, scale_free: bool) -> dict[str, float]:
 def normalization_shift(model, tokenizer, eval_set: RankedSet, config: Config,
                         parent: Resolved) -> dict:
     """The mean raw score of the SFT answers (see the module docstring), and what it was taken on."""
-    from pipeline.scoring import encode_answers, score_sequences
-
     norm = config.normalize
     if norm.answers == "best_ranked":
         seqs = [seq for seqs, row in zip(eval_set.sequences, eval_set.rows)
@@ -335,10 +310,6 @@ def normalization_shift(model, tokenizer, eval_set: RankedSet, config: Config,
 
 def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[str]:
     """Answers of the parent model to `prompts` (with its own tokenizer), seeded."""
-    from pipeline.generation import SamplingConfig, sample
-    from pipeline.models import load_causal_lm
-    from pipeline.tokenizer import load_tokenizer
-
     trust = config.runtime.trust_remote_code
     policy = load_causal_lm(parent, trust_remote_code=trust, trainable_adapter=False)
     tokenizer = load_tokenizer(parent.path, trust_remote_code=trust)
@@ -360,18 +331,14 @@ def describe_metrics(metrics: dict, normalization: dict) -> str:
 
 def reward_marker(metrics: dict, normalization: dict, config: Config) -> dict:
     """The content of `reward_model.json`: what PPO and `rlhf score` check and apply."""
-    from pipeline.scoring import MARKER_KIND
-
     return {"kind": MARKER_KIND, "shift": normalization["shift"], "normalization": normalization,
             "score_at": "the last non-pad token: the EOS that ends the answer",
             "max_length": config.data.max_length, "metrics": metrics,
             "note": "transformers' sequence-classification head has no bias: plain from_pretrained "
                     "returns raw scores; subtract shift, or load with "
-                    "pipeline.scoring.load_reward_model"}
+                    "pipeline.reward_model.load_reward_model"}
 
 
 def write_marker(directory, marker: dict) -> None:
-    from pipeline.scoring import REWARD_MARKER
-
     (directory / REWARD_MARKER).write_text(json.dumps(marker, indent=1, ensure_ascii=False),
                                            encoding="utf-8")

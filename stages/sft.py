@@ -9,7 +9,7 @@ gold-score the starting model on the world's held-out prompts → train with the
 loss and gold score → publish (with LoRA: the adapter, whose config names the parent's directory).
 Re-running the same command after an interruption resumes from the last committed state.
 
-The loop is `pipeline.trainer.fit` rather than TRL's SFTTrainer: every stage then shares one
+The loop is `pipeline.loop.fit` rather than TRL's SFTTrainer: every stage then shares one
 resume state format with atomic commits and bit-identical resume, and truncation is counted.
 
 Packing (`data.packing: true`) concatenates the encoded conversations into blocks of
@@ -19,19 +19,27 @@ example boundaries inside a block: a conversation can attend to the end of the p
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from pipeline.config import LoraConfig, Section, StageConfig
+from pipeline.data.fingerprint import data_fingerprint
+from pipeline.data.formats import load_sft_rows
+from pipeline.data.packing import pack_examples, pad_labeled
+from pipeline.data.prompts import read_prompts
 from pipeline.errors import UserError
+from pipeline.generation import SamplingConfig
+from pipeline.loop import fit, micro_batch_indices, to_device
+from pipeline.models import (ADAPTER_CONFIG, apply_lora, checked_path, count_parameters,
+                             load_causal_lm, merge_adapter)
 from pipeline.registry import Registry, Resolved, Run
-from pipeline.sources import WorldSection, world_file
-from pipeline.tokenizer import IGNORE_INDEX
+from pipeline.runtime import StageRun
+from pipeline.tokenizer import IGNORE_INDEX, check_context, encode_chat, load_tokenizer
+from pipeline.world.cache import WorldSection, train_and_eval_files, world_file
+from pipeline.world.evaluation import gold_eval, gold_metrics
 
 
 class ModelSection(Section):
@@ -93,39 +101,28 @@ class EncodedSplit:
 
 def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
-    from pipeline.evaluate import read_prompts
-    from pipeline.models import checked_path
-    from pipeline.runtime import StageRun
-    from pipeline.tokenizer import load_tokenizer
-
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code
     tokenizer = load_tokenizer(checked_path(parents["model"]), trust_remote_code=trust)
     check_context(tokenizer, config.data.max_length)
     check_lora_start(parents["model"], tokenizer, config.lora, trust)
-    train_files, eval_files = data_files(config, registry)
+    train_files, eval_files = train_and_eval_files(registry, config.data, "sft")
     train_set = encode_split(tokenizer, train_files, config.data, "train")
     eval_set = encode_split(tokenizer, eval_files, config.data, "eval") if eval_files else None
     prompts_file = gold_prompts_file(config, registry)
     prompts = read_prompts(prompts_file, config.eval.n_prompts) if prompts_file else []
     stage_run = StageRun.open("sft", config, registry, parents=parents,
-                              data_fingerprint=fingerprint(train_files, eval_files, prompts_file),
+                              data_fingerprint=data_fingerprint(train_files, eval_files, prompts_file),
                               restart=restart, pipeline_id=pipeline_id)
     if stage_run.reused:
         return stage_run.run
-    try:
+    with stage_run:
         return _train(stage_run, config, tokenizer, train_set, eval_set, prompts, parents["model"])
-    except BaseException as err:
-        stage_run.fail("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
-        raise
 
 
 def _train(stage_run, config: Config, tokenizer, train_set: EncodedSplit,
            eval_set: EncodedSplit | None, prompts: list[str], parent: Resolved) -> Run:
-    from pipeline.generation import gold_metrics
-    from pipeline.trainer import fit, micro_batch_indices
-
     max_length = config.data.max_length
     counts = {**train_set.counts(), **(eval_set.counts() if eval_set else {})}
     stage_run.say(f"sft: {train_set.describe(max_length)}; " + (
@@ -138,14 +135,13 @@ def _train(stage_run, config: Config, tokenizer, train_set: EncodedSplit,
                       f"{len(train_examples)} blocks of up to {max_length} tokens")
 
     model, gold_before = _model_and_gold_before(stage_run, config, tokenizer, prompts, parent)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stage_run.say(f"sft: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} "
-                  f"parameters{' (LoRA)' if config.lora.enabled else ''}")
+    stage_run.say(f"sft: {count_parameters(model, trainable_only=True):,} trainable of "
+                  f"{count_parameters(model):,} parameters{' (LoRA)' if config.lora.enabled else ''}")
     pad_id = tokenizer.pad_token_id
     device = stage_run.accelerator.device
 
     def batches_for_step(step: int):
-        return [(idx, pad_batch([train_examples[i] for i in idx], pad_id))
+        return [(idx, pad_labeled([train_examples[i] for i in idx], pad_id))
                 for idx in micro_batch_indices(stage_run, len(train_examples), step)]
 
     def eval_fn(model) -> dict:
@@ -176,7 +172,6 @@ def _model_and_gold_before(stage_run, config: Config, tokenizer, prompts: list[s
     starts as a no-op). Its gold metrics are logged at step 0, which a resume keeps, so a resumed
     run reads them back instead of loading the parent again.
     """
-    from pipeline.models import load_causal_lm
 
     trust = config.runtime.trust_remote_code
     gold_before = logged_gold_before(stage_run)
@@ -209,7 +204,6 @@ def check_lora_start(parent: Resolved, tokenizer, lora: LoraConfig,
     Checked before the run is registered: the parent must be a full model, and the tokenizer must
     need no new embedding rows, which an adapter cannot train.
     """
-    from pipeline.export import ADAPTER_CONFIG
 
     if not lora.enabled:
         return
@@ -228,8 +222,6 @@ def check_lora_start(parent: Resolved, tokenizer, lora: LoraConfig,
 
 def prepare_model(model, tokenizer, lora: LoraConfig, parent: Resolved):
     """Fit the parent model to the tokenizer; wrap it with a fresh LoRA adapter when enabled."""
-    from pipeline.models import apply_lora, merge_adapter
-
     model = merge_adapter(model)  # a LoRA parent is fine-tuned as the full model it stands for
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -249,16 +241,6 @@ def parent_base_path(parent: Resolved) -> str:
 
 
 # -- data ---------------------------------------------------------------------------------------
-def data_files(config: Config, registry: Registry) -> tuple[list[str], list[str]]:
-    """Train and eval sources: the user's, or the embedded world's SFT files."""
-    data = config.data
-    if data.train_files:
-        return list(data.train_files), list(data.eval_files)
-    world = [str(world_file(registry, data.world, name))
-             for name in ("sft_train.jsonl", "sft_eval.jsonl")]
-    return world[:1], list(data.eval_files) or world[1:]
-
-
 def gold_prompts_file(config: Config, registry: Registry) -> str | None:
     if config.eval.n_prompts == 0:
         return None
@@ -266,32 +248,8 @@ def gold_prompts_file(config: Config, registry: Registry) -> str | None:
                                                       "eval_prompts.jsonl"))
 
 
-def fingerprint(train_files: list[str], eval_files: list[str], prompts_file: str | None) -> str:
-    """What the run's result depends on: local files by content, hub data sets by name."""
-    from pipeline.data import fingerprint_files
-
-    digest = hashlib.sha256()
-    for role, sources in (("train", train_files), ("eval", eval_files),
-                          ("prompts", [prompts_file] if prompts_file else [])):
-        for source in sources:
-            local = Path(source).expanduser().exists()
-            digest.update(f"{role}\0{fingerprint_files(source) if local else source}\0".encode())
-    return digest.hexdigest()
-
-
-def check_context(tokenizer, max_length: int) -> None:
-    """A model cannot be trained on sequences longer than its context."""
-    context = tokenizer.model_max_length
-    if context < max_length:
-        raise UserError(f"data.max_length={max_length} is longer than the model's context of "
-                        f"{context} tokens; set data.max_length to at most {context}")
-
-
 def encode_split(tokenizer, sources: list[str], data: DataSection, split: str) -> EncodedSplit:
     """Load every source with the configured format and encode it with assistant-only labels."""
-    from pipeline.data import load_sft_rows
-    from pipeline.tokenizer import encode_chat
-
     split_data = EncodedSplit(split)
     for source in sources:
         for row in load_sft_rows(source, data.format, data.columns):
@@ -314,41 +272,6 @@ def encode_split(tokenizer, sources: list[str], data: DataSection, split: str) -
     return split_data
 
 
-def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
-    """Concatenate encoded examples and cut the stream into blocks of `block_size` tokens.
-
-    Labels travel with their tokens, so only answer tokens stay trainable. The last block may be
-    shorter (the collator pads it). A block with no answer token has no loss and is left out.
-    """
-    input_ids = [token for example in examples for token in example["input_ids"]]
-    labels = [label for example in examples for label in example["labels"]]
-    blocks = []
-    for start in range(0, len(input_ids), block_size):
-        block_labels = labels[start: start + block_size]
-        if any(label != IGNORE_INDEX for label in block_labels):
-            blocks.append({"input_ids": input_ids[start: start + block_size],
-                           "labels": block_labels})
-    return blocks
-
-
-def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad examples into (B, T) `input_ids`, `attention_mask` and `labels` tensors.
-
-    Padding gets `pad_id`, attention 0 and label IGNORE_INDEX. Padding is found from the lengths,
-    never by comparing ids with `pad_id`, which may be the EOS that ends every answer.
-    """
-    width = max(len(example["input_ids"]) for example in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, example in enumerate(examples):
-        length = len(example["input_ids"])
-        input_ids[row, :length] = torch.tensor(example["input_ids"], dtype=torch.long)
-        attention_mask[row, :length] = 1
-        labels[row, :length] = torch.tensor(example["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 # -- loss and evaluation --------------------------------------------------------------------------
 def sft_loss(model, batch: dict):
     """Mean next-token loss over the answer tokens (the model shifts the labels)."""
@@ -364,12 +287,10 @@ def answer_tokens(batch: dict) -> int:
 
 def eval_answer_loss(model, examples: list[dict], train, pad_id: int, device) -> dict:
     """Loss per answer token over up to `eval_batches` batches of held-out conversations."""
-    from pipeline.trainer import to_device
-
     total, tokens = 0.0, 0
     limit = train.eval_batches * train.batch_size
     for start in range(0, min(len(examples), limit), train.batch_size):
-        batch = to_device(pad_batch(examples[start: start + train.batch_size], pad_id), device)
+        batch = to_device(pad_labeled(examples[start: start + train.batch_size], pad_id), device)
         n_answer = answer_tokens(batch)  # the model's loss is their mean: weigh by their count
         total += sft_loss(model, batch)[0].float().item() * n_answer
         tokens += n_answer
@@ -378,8 +299,6 @@ def eval_answer_loss(model, examples: list[dict], train, pad_id: int, device) ->
 
 def measure_gold(model, tokenizer, prompts: list[str], config: Config) -> dict:
     """Greedy answers to the held-out prompts, scored by the world's gold scorer."""
-    from pipeline.generation import SamplingConfig, gold_eval
-
     sampling = SamplingConfig(max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
     return gold_eval(model, tokenizer, prompts, sampling, seed=config.seed)
 

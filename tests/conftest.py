@@ -4,7 +4,7 @@
     registry   an open `Registry` at `home`, closed after the test
     add_run    create a run in a given registry, optionally publishing a small fake model directory
     make_run   the same, in `registry`
-    run_cli    run `python -m pipeline.cli ARGS` in a subprocess with RLHF_HOME=home
+    run_cli    run `python -m pipeline.commands.cli ARGS` in a subprocess with RLHF_HOME=home
     flip_byte  invert one byte of a file in place (corruption tests)
 """
 
@@ -81,7 +81,7 @@ def run_cli():
     def run(args: list[str], home: Path, timeout: float = 120) -> tuple[int, str, str]:
         env = {**os.environ, "RLHF_HOME": str(home), "RLHF_NO_PROGRESS": "1",
                "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO_ROOT,
+        done = subprocess.run([sys.executable, "-m", "pipeline.commands.cli", *args], cwd=REPO_ROOT,
                               env=env, capture_output=True, text=True, timeout=timeout)
         return done.returncode, done.stdout, done.stderr
 

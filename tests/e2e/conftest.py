@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def rlhf_command(home: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "--home", str(home), *args]
+    return [sys.executable, "-m", "pipeline.commands.cli", "--home", str(home), *args]
 
 
 def cli_env() -> dict:

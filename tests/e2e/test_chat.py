@@ -44,20 +44,18 @@ def test_chat_through_stdin(outcome):
 
 
 def test_conversation_keeps_its_history_until_reset(outcome, monkeypatch):
-    import pipeline.chat as chat_module
-    from pipeline.generation import SamplingConfig
+    import pipeline.generation as generation
     from pipeline.registry import Registry
 
     prompts = []
-    encode = chat_module.encode_prompt
-    monkeypatch.setattr(chat_module, "encode_prompt",
+    encode = generation.encode_prompt
+    monkeypatch.setattr(generation, "encode_prompt",
                         lambda tokenizer, messages, limit: prompts.append(messages) or
                         encode(tokenizer, messages, limit))
     registry = Registry(outcome.home, create=False)
-    model, tokenizer = chat_module.load_for_sampling(
-        chat_module.resolve_model(registry, outcome.third_run["run"]))
-    conversation = chat_module.Conversation(model, tokenizer,
-                                            SamplingConfig(max_new_tokens=8, temperature=0))
+    model, tokenizer = generation.load_for_sampling(registry.resolve(outcome.third_run["run"]))
+    conversation = generation.Conversation(model, tokenizer,
+                                            generation.SamplingConfig(max_new_tokens=8, temperature=0))
     first = conversation.reply(QUESTION)
     conversation.reply("And two cows?")
     assert [m["role"] for m in prompts[1]] == ["user", "assistant", "user"]

@@ -285,7 +285,7 @@ def chat_on(page) -> list[list[str]]:
 
 def train_reward(home: Path, target: Path, files: list[Path], capsys) -> dict:
     """`rlhf run reward` on the labeled files, a few steps from the shared SFT model."""
-    from pipeline.cli import main
+    from pipeline.commands.cli import main
     from pipeline.registry import Registry
 
     sft = Registry(home, create=False).lookup("sft:latest").model_path

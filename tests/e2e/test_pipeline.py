@@ -147,7 +147,7 @@ def test_report_renders_every_plot_as_a_png(outcome, tmp_path):
 def test_demo_prints_the_report_gold_scores_and_a_conversation(outcome, tmp_path):
     home = tmp_path / "home"
     shutil.copytree(outcome.home, home)  # the demo reruns the finished pipeline: all reused
-    result = subprocess.run([sys.executable, "-m", "pipeline.demo", *fast_overrides()], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "pipeline.commands.demo", *fast_overrides()], cwd=ROOT,
                             env={**cli_env(), "RLHF_HOME": str(home)}, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr

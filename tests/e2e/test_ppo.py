@@ -176,7 +176,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_line_and_registers_nothing(home, tmp_path, capsys, case):
-    from pipeline.cli import main
+    from pipeline.commands.cli import main
     from pipeline.registry import Registry
 
     make_overrides, message = BAD_INPUTS[case]

@@ -5,7 +5,7 @@ repository's configs/, reward_data/ and tests/.
 Commands that train get the fast test overrides appended (fewer steps, smaller evals), so the
 README's pipeline and stage commands match the shared pipeline's runs and are reused; the ones that
 change a config or the data train for a few steps. Commands are run in-process through
-`pipeline.cli.main` (the console script's entry point), with stdin holding a chat message.
+`pipeline.commands.cli.main` (the console script's entry point), with stdin holding a chat message.
 Lines that launch several processes (`accelerate launch`, `torchrun`) need GPUs and are not run.
 """
 
@@ -80,7 +80,7 @@ def with_fast_overrides(argv: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command_runs(command, workspace, monkeypatch, capsys):
-    from pipeline.cli import main
+    from pipeline.commands.cli import main
 
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("RLHF_HOME", str(workspace / "home"))

@@ -69,7 +69,7 @@ def summary_of(home: Path, ref: str) -> dict:
 
 def test_every_trainable_parameter_changes_and_lineage(trained):
     from pipeline.registry import Resolved
-    from pipeline.scoring import build_reward_model, reward_tokenizer
+    from pipeline.reward_model import build_reward_model, reward_tokenizer
 
     parent_path = trained["parent"]["model_path"]
     initial = build_reward_model(Resolved(parent_path), reward_tokenizer(parent_path), seed=0)
@@ -90,7 +90,7 @@ def test_summary_marker_and_plain_transformers_load(trained):
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.registry import Resolved
-    from pipeline.scoring import load_reward_model, score_texts
+    from pipeline.reward_model import load_reward_model, score_texts
 
     model_dir = Path(trained["reward"]["model_path"])
     summary = summary_of(trained["home"], "reward:latest")
@@ -184,7 +184,7 @@ BAD_ROWS = {
 
 def cli(home: Path, args: tuple[str, ...], capsys) -> tuple[int, str, str]:
     """The real CLI entry point, in this process (no interpreter start-up per call)."""
-    from pipeline.cli import main
+    from pipeline.commands.cli import main
 
     capsys.readouterr()
     code = main(["--home", str(home), *args])
@@ -242,7 +242,7 @@ def check_lora_model(model_dir: str, parent_dir: str) -> None:
     """Published merged: a plain classifier whose attention moved (LoRA), whose MLP did not
     (frozen), and whose new score head was trained."""
     from pipeline.registry import Resolved
-    from pipeline.scoring import build_reward_model, reward_tokenizer
+    from pipeline.reward_model import build_reward_model, reward_tokenizer
 
     assert not Path(model_dir, "adapter_config.json").exists()
     initial = build_reward_model(Resolved(parent_dir), reward_tokenizer(parent_dir), seed=0)
@@ -257,9 +257,9 @@ def check_lora_model(model_dir: str, parent_dir: str) -> None:
 
 def check_normalized(model_dir: str, eval_file: Path) -> None:
     """With normalize.answers=best_ranked, the best eval answers score 0 on average."""
-    from pipeline.data import load_ranked_rows
+    from pipeline.data.formats import load_ranked_rows
     from pipeline.registry import Resolved
-    from pipeline.scoring import load_reward_model, score_texts
+    from pipeline.reward_model import load_reward_model, score_texts
 
     model, tokenizer = load_reward_model(Resolved(model_dir))
     best = [(row["prompt"], answer) for row in load_ranked_rows(eval_file)

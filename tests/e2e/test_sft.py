@@ -16,8 +16,8 @@ import torch
 
 from conftest import (assert_same_weights, committed_state, kill_when, model_weights, rlhf,
                       run_json)
-from pipeline.cli import main
-from pipeline.data import load_sft_rows
+from pipeline.commands.cli import main
+from pipeline.data.formats import load_sft_rows
 from pipeline.registry import Registry
 from pipeline.tokenizer import encode_chat, load_tokenizer
 

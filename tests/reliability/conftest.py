@@ -58,8 +58,8 @@ class CliResult(NamedTuple):
 
 @pytest.fixture
 def in_process_cli(capfd, monkeypatch):
-    """Run `pipeline.cli.main(argv)` here; a crash (not a clean exit code) fails the test."""
-    from pipeline.cli import main
+    """Run `pipeline.commands.cli.main(argv)` here; a crash (not a clean exit code) fails the test."""
+    from pipeline.commands.cli import main
     from pipeline.registry import Registry
 
     # Registry connections are closed after each command, as a process exit would close them

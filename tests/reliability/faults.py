@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.registry import Registry, verify_directory
+from pipeline.registry import Registry, directory_problems
 from stages import STAGES
 
 _E2E_HELPERS = Path(__file__).resolve().parents[1] / "e2e" / "conftest.py"
@@ -61,7 +61,7 @@ TINY_DATA_ROWS = {"pretrain.jsonl": 400, "sft_train.jsonl": 64, "sft_eval.jsonl"
 
 
 def write_tiny_data(directory: Path) -> Path:
-    from pipeline.world import write_world
+    from pipeline.world.farm import write_world
 
     world = directory / "world"
     write_world(world, seed=0, size="tiny")
@@ -151,7 +151,7 @@ class Chain:
 
     def reference(self, stage: str) -> Reference:
         if stage not in self._references:
-            upstream = {name: self.reference(name).model_path for name in STAGES[stage].upstream}
+            upstream = {name: self.reference(name).model_path for name in STAGES[stage].inputs.values()}
             args = stage_args(stage, upstream, self.data)
             home = self.root / stage
             started = time.monotonic()
@@ -317,9 +317,9 @@ def registry_problems(home: Path) -> list[str]:
             if run.status != "completed":
                 problems.append(f"{run.id} is left {run.status}")
             elif run.stage in STAGES and (not run.model_path
-                                          or verify_directory(Path(run.model_path))):
+                                          or directory_problems(Path(run.model_path))):
                 problems.append(f"{run.id} is completed but its model is not intact: "
-                                f"{verify_directory(Path(run.model_path or home / 'missing'))}")
+                                f"{directory_problems(Path(run.model_path or home / 'missing'))}")
     finally:
         registry.close()
     debris = sorted(str(p.relative_to(home)) for p in home.glob("runs/**/.tmp-*"))

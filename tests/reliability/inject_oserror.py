@@ -15,7 +15,7 @@ import os
 import sys
 
 import pipeline.registry as registry
-from pipeline.cli import main
+from pipeline.commands.cli import main
 
 
 def fail_commit(code: int, name: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests for pipeline.chain: the pipeline YAML and its overrides, stage selection, and the chaining
+"""Tests for pipeline.commands.chain: the pipeline YAML and its overrides, stage selection, and the chaining
 itself (parents, reuse, resume, --from/--only, start) with stand-in stages that train nothing."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 
-import pipeline.chain as chain
-from pipeline.chain import (ROLES, Plan, deep_merge, execute, expand_dotted, most_recent_unfinished,
-                            plan_from_run, plan_from_yaml, resolve_model, select_stages,
-                            split_overrides)
+import pipeline.commands.chain as chain
+from pipeline.commands.chain import (Plan, deep_merge, execute, expand_dotted,
+                                     most_recent_unfinished, plan_from_run, plan_from_yaml,
+                                     select_stages, split_overrides)
 from pipeline.config import StageConfig, config_hash, to_dict
 from pipeline.errors import UserError
-from stages import STAGES
+from pipeline.registry import PIPELINE_STAGE, resolve_model
+from stages import STAGES, Stage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,12 +64,6 @@ def test_select_stages():
         select_stages(chain_all, "sft", "ppo")
     with pytest.raises(UserError, match="has a start model"):
         select_stages(chain_all[1:], "pretrain", None)
-
-
-def test_roles_name_exactly_the_upstream_stages():
-    assert set(ROLES) == set(STAGES)
-    for name, stage in STAGES.items():
-        assert sorted(ROLES[name].values()) == sorted(stage.upstream)
 
 
 # -- the pipeline YAML ----------------------------------------------------------------------------
@@ -186,9 +181,7 @@ class FakeStages:
 @pytest.fixture
 def fake(monkeypatch):
     stages = FakeStages()
-    monkeypatch.setattr(chain, "STAGES", {
-        name: SimpleNamespace(name=name, load=lambda name=name: stages.module(name))
-        for name in STAGES})
+    monkeypatch.setattr(Stage, "load", lambda stage: stages.module(stage.name))
     return stages
 
 
@@ -227,7 +220,7 @@ def test_a_failed_pipeline_continues_in_the_failed_stage(fake, registry):
     fake.fail = "reward"
     with pytest.raises(RuntimeError, match="reward broke"):
         execute(full_plan(), registry)
-    broken = registry.runs(chain.PIPELINE_STAGE)[-1]
+    broken = registry.runs(PIPELINE_STAGE)[-1]
     assert broken.status == "failed" and set(broken.summary["stages"]) == {"pretrain", "sft"}
     assert most_recent_unfinished(registry).id == broken.id  # the pipeline, not its reward run
     fake.fail = None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import build_parser
+from pipeline.commands.cli import build_parser
 from pipeline.registry import Registry
 
 TINY_PRETRAIN = "configs/tiny/pretrain.yaml"
@@ -60,7 +60,8 @@ def test_help_of_every_command(run_cli, home, command):
 
 
 def test_parser_imports_no_torch():
-    code = "import sys, pipeline.cli; pipeline.cli.build_parser(); print('torch' in sys.modules)"
+    code = ("import sys; from pipeline.commands.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
 
@@ -96,6 +97,12 @@ BAD_INPUTS = {  # name → (arguments, words the message must contain); {tmp} is
                            TINY_PRETRAIN, "train.max_steps=1"], ["file/sub is not writable"]),
     "unknown stage in run": (["run", "nostage"], ["nostage"]),
     "unknown stage in config show": (["config", "show", "nostage"], ["nostage"]),
+    # A rule between fields is part of the config: `config show` refuses what `run` would.
+    "ppo rule in config show": (["config", "show", "ppo", "train.batch_size=6", "ppo.minibatches=4"],
+                                ["train.batch_size=6 does not split into ppo.minibatches=4"]),
+    "ppo rule in run": (["run", "ppo", "generation.max_new_tokens=4",
+                         "generation.min_new_tokens=5"],
+                        ["generation.min_new_tokens=5 exceeds generation.max_new_tokens=4"]),
 }
 
 

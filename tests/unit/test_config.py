@@ -244,5 +244,7 @@ def test_every_stage_has_module_config_run_and_tiny_yaml(name):
         f"{module.__name__}.Config must extend StageConfig"
     assert callable(getattr(module, "run", None)), f"{module.__name__} has no run()"
     assert (CONFIGS / "tiny" / f"{name}.yaml").is_file(), f"configs/tiny/{name}.yaml is missing"
-    for upstream in STAGES[name].upstream:
-        assert upstream in STAGES, f"stage {name} reads unknown stage {upstream}"
+    earlier = list(STAGES)[:list(STAGES).index(name)]
+    for role, upstream in STAGES[name].inputs.items():
+        assert upstream in earlier, f"stage {name}'s input {role} comes from {upstream}, which is " \
+            f"not a stage before it"

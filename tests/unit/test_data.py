@@ -1,11 +1,12 @@
-"""Tests for pipeline.data: strict readers, format adapters and their error messages."""
+"""Tests for pipeline.data.formats: strict readers, format adapters and their error messages."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from pipeline import data
+from pipeline.data import formats as data
+from pipeline.data.fingerprint import fingerprint_files
 from pipeline.errors import UserError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "data"
@@ -222,26 +223,26 @@ def test_fingerprint_is_stable_and_tracks_names_contents_and_order(tmp_path):
     for folder in (first, second):
         (folder / "x.jsonl").write_text("one", encoding="utf-8")
         (folder / "y.jsonl").write_text("two", encoding="utf-8")
-    base = data.fingerprint_files([first / "x.jsonl", first / "y.jsonl"])
+    base = fingerprint_files([first / "x.jsonl", first / "y.jsonl"])
     assert len(base) == 64
-    assert data.fingerprint_files([second / "x.jsonl", second / "y.jsonl"]) == base
-    assert data.fingerprint_files([first / "y.jsonl", first / "x.jsonl"]) != base
-    assert data.fingerprint_files(first) == data.fingerprint_files(second)
+    assert fingerprint_files([second / "x.jsonl", second / "y.jsonl"]) == base
+    assert fingerprint_files([first / "y.jsonl", first / "x.jsonl"]) != base
+    assert fingerprint_files(first) == fingerprint_files(second)
     (second / "y.jsonl").write_text("two!", encoding="utf-8")
-    assert data.fingerprint_files(first) != data.fingerprint_files(second)
+    assert fingerprint_files(first) != fingerprint_files(second)
     (second / "y.jsonl").write_text("two", encoding="utf-8")
     (second / "y.jsonl").rename(second / "z.jsonl")
-    assert data.fingerprint_files(first) != data.fingerprint_files(second)
+    assert fingerprint_files(first) != fingerprint_files(second)
 
 
 def test_fingerprint_separates_names_from_contents(tmp_path):
     (tmp_path / "ab").write_text("c", encoding="utf-8")
     (tmp_path / "a").write_text("bc", encoding="utf-8")
-    assert data.fingerprint_files(tmp_path / "ab") != data.fingerprint_files(tmp_path / "a")
+    assert fingerprint_files(tmp_path / "ab") != fingerprint_files(tmp_path / "a")
 
 
 def test_fingerprint_missing_file(tmp_path):
-    assert "file not found" in error_of(data.fingerprint_files, [tmp_path / "gone.jsonl"])
+    assert "file not found" in error_of(fingerprint_files, [tmp_path / "gone.jsonl"])
 
 
 # --------------------------------------------------------------------------------------------

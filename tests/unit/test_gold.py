@@ -6,11 +6,10 @@ score = 0.6·correct + 0.2·polite (1 polite / 0.5 neutral / 0 rude) + 0.2·comp
 
 import pytest
 
-from pipeline.gold import (
-    Question, count_correct, find_mentions, format_ok, gold_score, parse_chinese_number,
-    parse_english_number, parse_question, summarize, word_count,
-)
-from pipeline.world import chinese_number, english_number
+from pipeline.world.gold import (Question, count_correct, find_mentions, format_ok, gold_score,
+                                 parse_chinese_number, parse_english_number, parse_question,
+                                 summarize, word_count)
+from pipeline.world.farm import chinese_number, english_number
 
 CHICKENS = "How many legs do 3 chickens have?"
 MIX = "How many legs do 3 chickens and 2 cows have?"
@@ -168,6 +167,6 @@ def test_summarize_rejects_mismatched_or_empty_input():
 def test_gold_module_imports_no_torch():
     import subprocess
     import sys
-    code = "import sys, pipeline.gold; print('torch' in sys.modules)"
+    code = "import sys, pipeline.world.gold; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import load_ranked_rows
+from pipeline.data.formats import load_ranked_rows
 from pipeline.errors import UserError
-from pipeline.label.store import (JsonlLog, LabelStore, distinct_answers, feedback_rows,
-                                  pending_indices, prompt_key, ranking_row)
+from pipeline.commands.label.store import (JsonlLog, LabelStore, distinct_answers, feedback_rows,
+                                           pending_indices, prompt_key, ranking_row)
 
 ANSWERS = ["Six legs.", "Moo.", "Three chickens have six legs in total.", "6."]
 MESSAGES = [{"role": "user", "content": "How many legs do three chickens have?"}]
@@ -186,7 +186,7 @@ def prepare(tmp_path: Path, files: dict) -> None:
 
 
 def run_label(tmp_path: Path, capsys, options: dict) -> tuple[int, str]:
-    from pipeline.cli import main
+    from pipeline.commands.cli import main
 
     arguments = {"--policy": str(tmp_path / "policy"), "--prompts": str(tmp_path / "prompts.jsonl"),
                  "--out": str(tmp_path / "labels.jsonl"), **options}

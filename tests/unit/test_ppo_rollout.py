@@ -13,10 +13,12 @@ from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from stages.ppo.losses import logprobs_from_logits, masked_mean
-from stages.ppo.rollout import (Models, TokenScorer, ValueHead, make_experience, positions,
-                                response_logits, sample, side_by_side)
+from stages.ppo.config import Config
+from stages.ppo.experience import make_experience, sample
+from stages.ppo.models import Models, PolicyEMA, TokenScorer, ValueHead, positions, response_logits
 from stages.ppo.sampling import episode_keys
-from stages.ppo.trainer import Config, PolicyEMA, PPOTrainer, step_seed
+from stages.ppo.threads import side_by_side
+from stages.ppo.update import PPOTrainer, step_seed
 
 EOS, PAD, VOCAB = 0, 1, 24
 # Wide initial weights give peaked next-token distributions, which position mistakes visibly change.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.ppo.rollout import sample
+from stages.ppo.experience import sample
 from stages.ppo.sampling import GumbelNoise, episode_keys, splitmix64, uniform_noise
 from tests.unit.test_ppo_rollout import EOS, PAD, PROMPTS, causal_lm, ppo_config
 

@@ -13,15 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.registry import (
-    MANIFEST,
-    Registry,
-    Resolved,
-    check_name,
-    commit_directory,
-    require_intact,
-    verify_directory,
-)
+from pipeline.registry import (MANIFEST, Registry, Resolved, check_name, commit_directory,
+                               require_intact, directory_problems)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_FILES = {"model.safetensors": b"weights", "config.json": b'{"model_type": "llama"}'}
@@ -309,12 +302,12 @@ def test_verify_checks_resume_states(registry, make_run, flip_byte):
 
 
 def test_verify_directory_of_a_missing_directory(tmp_path):
-    assert verify_directory(tmp_path / "gone") == [f"{tmp_path / 'gone'} is missing"]
+    assert directory_problems(tmp_path / "gone") == [f"{tmp_path / 'gone'} is missing"]
 
 
 def test_verify_directory_with_a_garbled_manifest(tmp_path):
     (tmp_path / MANIFEST).write_text("{not json")
-    assert verify_directory(tmp_path) == [f"{tmp_path / MANIFEST} is not a valid manifest"]
+    assert directory_problems(tmp_path) == [f"{tmp_path / MANIFEST} is not a valid manifest"]
 
 
 # --- committed directories -----------------------------------------------------------------------
@@ -332,7 +325,7 @@ def test_commit_directory_writes_manifest_of_every_file(tmp_path):
     assert files == {"a.txt": sha256(b"a"), "sub/b.txt": sha256(b"b")}
     assert json.loads((final / MANIFEST).read_text())["files"] == files
     assert sorted(p.name for p in final.parent.iterdir()) == ["ckpt"]  # no temp sibling left
-    assert verify_directory(final) == []
+    assert directory_problems(final) == []
 
 
 def test_crash_inside_write_files_leaves_nothing(tmp_path):
@@ -354,7 +347,7 @@ def test_committed_directory_is_never_overwritten(tmp_path):
         commit_directory(final, lambda tmp: (tmp / "w.bin").write_bytes(b"second"))
     assert (final / "w.bin").read_bytes() == b"first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    assert verify_directory(final) == []
+    assert directory_problems(final) == []
 
 
 def test_uncommitted_directory_is_replaced(tmp_path):

@@ -15,9 +15,11 @@ import torch
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.registry import Resolved
-from pipeline.scoring import (build_reward_model, disagreement, encode_answers, load_reward_model,
-                              read_marker, regroup, reward_tokenizer, right_pad, score_sequences,
-                              score_texts, sequence_scores, set_score_bias, worst_prompts)
+from pipeline.commands.score import disagreement, worst_prompts
+from pipeline.data.packing import right_pad
+from pipeline.reward_model import (build_reward_model, encode_answers, load_reward_model,
+                                   read_marker, regroup, reward_tokenizer, score_sequences,
+                                   score_texts, sequence_scores, set_score_bias)
 from stages.reward import (Config, DataSection, collate_rankings, encode_rankings, hold_out,
                            ranking_loss, read_rows, LossSection)
 

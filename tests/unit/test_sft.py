@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.evaluate import read_prompts
+from pipeline.data.prompts import read_prompts
 from pipeline.tokenizer import IGNORE_INDEX, train_tokenizer
-from stages.sft import (DataSection, check_context, check_lora_start, encode_split, fingerprint,
-                        pack_examples, pad_batch, prepare_model)
+from pipeline.data.fingerprint import data_fingerprint
+from pipeline.data.packing import pack_examples, pad_labeled
+from pipeline.tokenizer import check_context
+from stages.sft import DataSection, check_lora_start, encode_split, prepare_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 CORPUS = [
@@ -59,7 +61,7 @@ def labelled_runs(tokenizer, input_ids: torch.Tensor, labels: torch.Tensor) -> l
 
 
 def test_pad_batch_right_pads_with_ignored_labels():
-    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
+    batch = pad_labeled([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
                        {"input_ids": [8], "labels": [8]}], pad_id=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -68,7 +70,7 @@ def test_pad_batch_right_pads_with_ignored_labels():
 
 def test_pad_batch_keeps_a_real_eos_that_equals_the_pad_id():
     # pad == EOS (a tokenizer without its own pad token): the answer's EOS stays a label.
-    batch = pad_batch([{"input_ids": [4, 9, 2], "labels": [-100, 9, 2]},
+    batch = pad_labeled([{"input_ids": [4, 9, 2], "labels": [-100, 9, 2]},
                        {"input_ids": [4, 2], "labels": [-100, 2]}], pad_id=2)
     assert batch["labels"].tolist() == [[-100, 9, 2], [-100, 2, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
@@ -84,7 +86,7 @@ def test_labels_cover_exactly_the_answer_through_the_collator(tokenizer, tmp_pat
     path = write_rows(tmp_path / "sft.jsonl", [chat(("user", question), ("assistant", answer)),
                                                chat(("user", "Hi"), ("assistant", "Hi!"))])
     split = encode_split(tokenizer, [path], DataSection(max_length=256), "train")
-    batch = pad_batch(split.examples, tokenizer.pad_token_id)
+    batch = pad_labeled(split.examples, tokenizer.pad_token_id)
     assert labelled_runs(tokenizer, batch["input_ids"][0], batch["labels"][0]) == [answer + END]
     assert labelled_runs(tokenizer, batch["input_ids"][1], batch["labels"][1]) == ["Hi!" + END]
     # The unlabelled part of the first row is exactly the framed question and the answer header.
@@ -141,7 +143,7 @@ def test_each_format_runs_through_the_data_path(tokenizer, fmt, declared):
     path = str(FIXTURES / f"sft_{fmt}.jsonl")
     data = DataSection(format=fmt if declared else "auto", max_length=256)
     split = encode_split(tokenizer, [path], data, "train")
-    batch = pad_batch(split.examples, tokenizer.pad_token_id)
+    batch = pad_labeled(split.examples, tokenizer.pad_token_id)
     runs = [run for row in range(len(split.examples))
             for run in labelled_runs(tokenizer, batch["input_ids"][row], batch["labels"][row])]
     assert runs == [answer + END for answer in ADAPTER_ANSWERS[fmt]]
@@ -206,12 +208,12 @@ def test_max_length_beyond_the_context_is_a_user_error(tokenizer):
 
 def test_fingerprint_follows_content_and_role(tmp_path):
     a = write_rows(tmp_path / "a.jsonl", [{"prompt": "Hi", "completion": "Hi!"}])
-    base = fingerprint([a], [], None)
-    assert fingerprint([a], [], None) == base
-    assert fingerprint([], [a], None) != base
-    assert fingerprint([a, "owner/hub-set"], [], None) != base
+    base = data_fingerprint([a], [], None)
+    assert data_fingerprint([a], [], None) == base
+    assert data_fingerprint([], [a], None) != base
+    assert data_fingerprint([a, "owner/hub-set"], [], None) != base
     write_rows(tmp_path / "a.jsonl", [{"prompt": "Hi", "completion": "Hello!"}])
-    assert fingerprint([a], [], None) != base
+    assert data_fingerprint([a], [], None) != base
 
 
 def test_read_prompts_takes_the_first_n_and_names_bad_lines(tmp_path):

@@ -6,22 +6,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from pipeline.errors import UserError
-from pipeline.tokenizer import (
-    CHAT_TEMPLATE,
-    END_TOKEN,
-    IGNORE_INDEX,
-    MIN_VOCAB_SIZE,
-    PAD_TOKEN,
-    ROLE_TOKENS,
-    encode_chat,
-    encode_prompt,
-    encode_prompt_response,
-    ensure_chat_template,
-    ensure_pad_token,
-    left_pad,
-    load_tokenizer,
-    train_tokenizer,
-)
+from pipeline.data.packing import left_pad
+from pipeline.tokenizer import (CHAT_TEMPLATE, END_TOKEN, IGNORE_INDEX, MIN_VOCAB_SIZE, PAD_TOKEN,
+                                ROLE_TOKENS, encode_chat, encode_prompt, encode_prompt_response,
+                                ensure_chat_template, ensure_pad_token, load_tokenizer,
+                                train_tokenizer)
 
 CORPUS = [
     "The cat sat on the mat.",

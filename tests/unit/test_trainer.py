@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.trainer import micro_batch_weights, step_indices, warmup_cosine
+from pipeline.loop import micro_batch_weights, step_indices, warmup_cosine
 
 
 class FakeAccelerator:

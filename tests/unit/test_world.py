@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import EXIT_USER_ERROR, UserError
-from pipeline.gold import count_correct, find_mentions, format_ok, gold_score, parse_question
-from pipeline.world import (
-    ANIMALS, COUNTS, HELD_OUT_COUNTS, SIZES, chinese_number, english_number, main, write_world,
-)
+from pipeline.world.gold import count_correct, find_mentions, format_ok, gold_score, parse_question
+from pipeline.world.farm import (ANIMALS, COUNTS, HELD_OUT_COUNTS, SIZES, chinese_number,
+                                 english_number, write_world)
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINING_FILES = ("pretrain", "sft_train", "reward_train", "ppo_prompts")
@@ -202,10 +201,12 @@ def test_bad_arguments_are_user_errors(tmp_path, kwargs, message):
         write_world(tmp_path, **kwargs)
 
 
-def test_module_command_writes_files_and_reports_bad_k(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "w"), "--seed", "2"]) == 0
+def test_data_world_command_writes_files_and_reports_bad_k(tmp_path, capsys):
+    from pipeline.commands.cli import main
+
+    assert main(["data", "world", "--out", str(tmp_path / "w"), "--seed", "2"]) == 0
     assert (tmp_path / "w" / "reward_train.jsonl").exists()
-    assert main(["--out", str(tmp_path / "w"), "--k", "12"]) == EXIT_USER_ERROR
+    assert main(["data", "world", "--out", str(tmp_path / "w"), "--k", "12"]) == EXIT_USER_ERROR
     assert "from 2 to 9, got 12" in capsys.readouterr().err
 
 

@@ -1,7 +1,7 @@
 """`make demo`: the whole tiny pipeline on the embedded world, then its report card, the gold score
 after each stage, and two questions put to the final model.
 
-    python -m pipeline.demo [sft.train.max_steps=50 ...]     (registry home: ./runs or $RLHF_HOME)
+    python -m pipeline.commands.demo [sft.train.max_steps=50 ...]   (home: ./runs or $RLHF_HOME)
 
 It runs `configs/tiny/pipeline.yaml` exactly as `rlhf pipeline run` does, so running it again
 reuses every finished stage, and an interrupted demo continues where it stopped.
@@ -12,7 +12,11 @@ from __future__ import annotations
 import sys
 import time
 
+from pipeline.commands.chain import execute, plan_from_yaml
+from pipeline.commands.report import number_text, write_report
 from pipeline.errors import run_command
+from pipeline.generation import Conversation, SamplingConfig, load_for_sampling
+from pipeline.registry import Registry, resolve_model
 
 PIPELINE_YAML = "configs/tiny/pipeline.yaml"
 CONVERSATION = ("How many legs do three chickens have?", "What sound does a cow make?")
@@ -24,12 +28,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def demo(overrides: list[str]) -> int:
-    from pipeline.chain import execute, plan_from_yaml, resolve_model
-    from pipeline.chat import Conversation, load_for_sampling
-    from pipeline.generation import SamplingConfig
-    from pipeline.registry import Registry
-    from pipeline.report import number_text, write_report
-
     started = time.time()
     plan = plan_from_yaml(PIPELINE_YAML, overrides)
     registry = Registry()

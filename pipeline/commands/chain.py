@@ -28,7 +28,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -40,18 +39,9 @@ from pydantic import Field, create_model
 from pipeline.config import (Section, StageConfig, apply_override, config_hash, read_yaml, to_dict,
                              validate)
 from pipeline.errors import UserError
-from pipeline.registry import Registry, Resolved, Run, default_home
+from pipeline.registry import PIPELINE_STAGE, Registry, Resolved, Run
+from pipeline.runtime import is_main_process
 from stages import STAGES
-
-PIPELINE_STAGE = "pipeline"
-
-# Who feeds whom: each stage's parent roles and the upstream stage that fills each role.
-ROLES: dict[str, dict[str, str]] = {
-    "pretrain": {},
-    "sft": {"model": "pretrain"},
-    "reward": {"model": "sft"},
-    "ppo": {"policy": "sft", "reward": "reward"},
-}
 
 
 class StageEntry(Section):
@@ -228,11 +218,6 @@ def plan_from_run(run: Run) -> Plan:
 
 
 # -- executing a plan -----------------------------------------------------------------------------
-def is_main_process() -> bool:
-    """Under torchrun / accelerate launch every process runs the chain; one writes the records."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def say(message: str) -> None:
     if is_main_process():
         print(message, file=sys.stderr, flush=True)
@@ -282,7 +267,7 @@ def execute(plan: Plan, registry: Registry, *, restart: bool = False) -> Run | N
 
 def parents_of(name: str, outputs: dict[str, Resolved]) -> dict[str, Resolved]:
     """A stage's parents: the upstream outputs of this pipeline, by role."""
-    return {role: outputs[upstream] for role, upstream in ROLES[name].items()}
+    return {role: outputs[upstream] for role, upstream in STAGES[name].inputs.items()}
 
 
 def reference_of(resolved: Resolved) -> str:
@@ -324,14 +309,10 @@ def from_registry(name: str, config: StageConfig, registry: Registry,
                   parents: dict[str, Resolved]) -> Run:
     """A stage that is not run: the newest completed run with this config and these parents,
     else `STAGE:latest`."""
-    digest = config_hash(config)
-    wanted = {role: parent.run.id if parent.run else parent.path
-              for role, parent in parents.items()}
-    for run in reversed(registry.runs(name)):
-        have = {role: run.parent_runs.get(role, ref) for role, ref in run.parents.items()}
-        if run.status == "completed" and run.config_hash == digest and have == wanted:
-            say(f"{name}: using {run.id} from the registry (same config and parents)")
-            return run
+    run = registry.find_matching(name, config_hash(config), None, parents, ("completed",))
+    if run is not None:
+        say(f"{name}: using {run.id} from the registry (same config and parents)")
+        return run
     latest = registry.lookup(f"{name}:latest")
     if latest is None:
         raise UserError(f"{name} is not run in this pipeline and the registry at "
@@ -340,48 +321,6 @@ def from_registry(name: str, config: StageConfig, registry: Registry,
     say(f"{name}: no run matches this pipeline's {name} config and parents; using "
         f"{name}:latest ({latest.id})")
     return latest
-
-
-# -- what a pipeline produced ---------------------------------------------------------------------
-def stage_runs(registry: Registry, run: Run) -> dict[str, Run]:
-    """The stage runs behind a run, by stage, in pipeline order: a pipeline's own stages, or a
-    stage run and its registry ancestors."""
-    if run.stage == PIPELINE_STAGE:
-        found = {name: registry.get(entry["run"])
-                 for name, entry in run.summary.get("stages", {}).items()}
-    else:
-        found = {}
-        pending = [run]
-        while pending:
-            current = pending.pop()
-            found.setdefault(current.stage, current)
-            pending += [registry.get(parent) for parent in current.parent_runs.values()]
-    return {name: found[name] for name in STAGES if name in found}
-
-
-def resolve_model(registry: Registry | None, ref: str) -> Resolved:
-    """A model reference as `Registry.resolve` reads it; a pipeline run means its final model."""
-    if registry is None:  # no runs yet: only a directory or a hub name can mean a model
-        if Path(ref).is_dir():
-            return Resolved(str(Path(ref).resolve()))
-        if "/" in ref and not ref.startswith((".", "/")) and not Path(ref).exists():
-            return Resolved(ref)
-        raise UserError(f"'{ref}' is not a model directory and there is no registry to look it "
-                        f"up in; pass --home DIR or a model directory")
-    run = registry.lookup(ref)
-    if run is not None and run.stage == PIPELINE_STAGE:
-        final = run.summary.get("final_run")
-        if not final:
-            raise UserError(f"pipeline {run.id} has not finished (status {run.status}); "
-                            f"`rlhf resume {run.id}` continues it")
-        return registry.resolve(final)
-    return registry.resolve(ref)
-
-
-def open_registry(home: str | None) -> Registry | None:
-    """The registry at `home` if one exists there (reading a plain directory needs none)."""
-    path = Path(home) if home else default_home()
-    return Registry(path, create=False) if (path / "registry.db").exists() else None
 
 
 # -- commands -------------------------------------------------------------------------------------

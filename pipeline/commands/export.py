@@ -17,14 +17,12 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.models import ADAPTER_CONFIG, checked_path, load_causal_lm, merge_adapter
 from pipeline.registry import MANIFEST, Registry, Resolved, commit_directory
-
-ADAPTER_CONFIG = "adapter_config.json"
+from pipeline.tokenizer import load_tokenizer
 
 
 def cmd_export(args) -> int:
-    from pipeline.models import checked_path
-
     resolved = Registry(args.home).resolve(args.ref)
     if not resolved.is_local:
         raise UserError(f"'{args.ref}' is not a local checkpoint; export a registry run or a "
@@ -56,9 +54,6 @@ def describe_adapter(source: Path, merged: bool) -> str:
 
 def write_merged(resolved: Resolved, directory: Path) -> None:
     """The adapter folded into its base: a full model plus the checkpoint's tokenizer."""
-    from pipeline.models import load_causal_lm, merge_adapter
-    from pipeline.tokenizer import load_tokenizer
-
     model = merge_adapter(load_causal_lm(resolved, trainable_adapter=False))
     model.save_pretrained(directory)
     load_tokenizer(resolved.path).save_pretrained(directory)

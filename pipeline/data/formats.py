@@ -27,14 +27,13 @@ Normalized shapes:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 DEFAULT_MAX_LINE_BYTES = 1_000_000
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -90,7 +89,7 @@ def _reject_non_finite(literal: str) -> Any:
 
 def read_jsonl(path: str | Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[tuple[int, dict]]:
     """Read a JSON Lines file strictly: `(line number, object)` per non-blank line."""
-    path = _existing_file(path)
+    path = existing_file(path)
     rows = [(number, parse_object(text, f"{path}:{number}"))
             for number, text in _numbered_lines(path, max_line_bytes) if text.strip()]
     if not rows:
@@ -99,7 +98,7 @@ def read_jsonl(path: str | Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -
     return rows
 
 
-def _existing_file(path: str | Path) -> Path:
+def existing_file(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a file; name a file inside it")
@@ -165,7 +164,7 @@ def _read_parquet(path: Path) -> list[tuple[int, dict]]:
     try:
         rows = pyarrow.parquet.read_table(path).to_pylist()
     except (pyarrow.ArrowException, OSError) as err:
-        raise UserError(f"{path}: not a readable Parquet file ({_first_line(err)}); "
+        raise UserError(f"{path}: not a readable Parquet file ({first_line(err)}); "
                         "check the file or convert it to JSON Lines") from None
     if not rows:
         raise UserError(f"{path}: the Parquet file has no rows; give a file with data")
@@ -194,26 +193,21 @@ def load_hub_rows(name: str, split: str = "train") -> list[tuple[int, dict]]:
         rows = datasets.load_dataset(name, split=split).to_list()
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
         raise UserError(f"{name}: not a local file or directory, and loading it as a hub data set "
-                        f"failed ({_first_line(err)}); check the path or the data set name") from None
+                        f"failed ({first_line(err)}); check the path or the data set name") from None
     if not rows:
         raise UserError(f"{name}: the data set's {split!r} split has no rows; give a data set with data")
     return list(enumerate(rows, start=1))
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 # --------------------------------------------------------------------------------------------
 # Resolving sources
 
 
-def _as_list(sources: str | Path | Iterable[str | Path]) -> list[str | Path]:
+def as_list(sources: str | Path | Iterable[str | Path]) -> list[str | Path]:
     return [sources] if isinstance(sources, (str, Path)) else list(sources)
 
 
-def _visible_files(root: Path) -> list[Path]:
+def visible_files(root: Path) -> list[Path]:
     """Every file under a directory, sorted, skipping hidden files and folders (.git, .cache)."""
     return sorted(path for path in root.rglob("*") if path.is_file()
                   and not any(part.startswith(".") for part in path.relative_to(root).parts))
@@ -223,7 +217,7 @@ def _local_files(source: str | Path, suffixes: tuple[str, ...]) -> list[Path] | 
     """The local files a source names, or None when it is a hub data set name."""
     path = Path(source).expanduser()
     if path.is_dir():
-        files = [file for file in _visible_files(path) if file.suffix in suffixes]
+        files = [file for file in visible_files(path) if file.suffix in suffixes]
         if not files:
             raise UserError(f"{path}: the directory holds no {', '.join(suffixes)} files; "
                             "point at a directory with data files")
@@ -264,7 +258,7 @@ def read_text_corpus(paths_or_dirs: str | Path | Iterable[str | Path],
                      text_field: str = "text") -> list[str]:
     """All documents of one or more text sources (.txt, JSON Lines, Parquet, directory, hub name)."""
     documents: list[str] = []
-    for source in _as_list(paths_or_dirs):
+    for source in as_list(paths_or_dirs):
         files = _local_files(source, TEXT_SUFFIXES)
         if files is None:
             documents += _texts(_hub_records(str(source)), text_field)
@@ -272,7 +266,7 @@ def read_text_corpus(paths_or_dirs: str | Path | Iterable[str | Path],
             documents += (_read_txt_documents(path) if path.suffix == ".txt"
                           else _texts(_file_records(path), text_field))
     if not any(document.strip() for document in documents):
-        raise UserError(f"{', '.join(map(str, _as_list(paths_or_dirs)))}: the corpus holds no text; "
+        raise UserError(f"{', '.join(map(str, as_list(paths_or_dirs)))}: the corpus holds no text; "
                         "point at files with text in them")
     return documents
 
@@ -280,30 +274,6 @@ def read_text_corpus(paths_or_dirs: str | Path | Iterable[str | Path],
 def _texts(records: list[Record], text_field: str) -> list[str]:
     hint = "set text_field to the column that holds the text"
     return [_string(_column(record, text_field, hint), record, text_field) for record in records]
-
-
-def fingerprint_files(paths: str | Path | Iterable[str | Path]) -> str:
-    """A stable sha256 over file names and contents (directories: every visible file, sorted).
-
-    Names are taken relative to the directory given (a plain file: its base name), so the same
-    data in another place gives the same fingerprint.
-    """
-    digest = hashlib.sha256()
-    for source in _as_list(paths):
-        root = Path(source).expanduser()
-        if root.is_dir():
-            named = [(path.relative_to(root).as_posix(), path) for path in _visible_files(root)]
-        else:
-            named = [(root.name, _existing_file(root))]
-        for name, path in named:
-            # Length-prefixing keeps ("ab", "c") and ("a", "bc") apart.
-            encoded = name.encode("utf-8")
-            digest.update(len(encoded).to_bytes(8, "big") + encoded)
-            digest.update(path.stat().st_size.to_bytes(8, "big"))
-            with path.open("rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

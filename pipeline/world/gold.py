@@ -1,7 +1,7 @@
 """Gold scorer for the embedded world: how right, polite and complete an answer really is.
 
 For evaluation only: no stage trains on it. Reward labels come from the world's answer kinds
-(`pipeline.world`), the reward model learns from those, and this scorer checks from the world's
+(`pipeline.world.farm`), the reward model learns from those, and this scorer checks from the world's
 truth what each stage actually achieved, which also exposes a policy that games its reward model.
 Standard library only (plus the world's truth table), so it runs anywhere in milliseconds.
 
@@ -35,7 +35,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from pipeline.world import ANIMALS, CLOSING_MARKS, FACT_KINDS, SENTENCE_ENDS, total_legs
+from pipeline.world.farm import ANIMALS, CLOSING_MARKS, FACT_KINDS, SENTENCE_ENDS, total_legs
 
 CORRECT_WEIGHT, POLITE_WEIGHT, COMPLETE_WEIGHT = 0.6, 0.2, 0.2
 MAX_WORDS = 30

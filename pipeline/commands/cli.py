@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -91,6 +90,12 @@ def _stage_names() -> list[str]:
     return list(STAGES)
 
 
+def _stage_list() -> str:
+    """The stages with their one-line summaries, for help texts."""
+    from stages import STAGES
+    return "; ".join(f"{stage.name}: {stage.summary}" for stage in STAGES.values())
+
+
 def _load_stage_config(stage_name: str, config_path: str | None, overrides: list[str]):
     from pipeline.config import load_config
     from stages import STAGES
@@ -104,7 +109,7 @@ def _load_stage_config(stage_name: str, config_path: str | None, overrides: list
 def _add_run(commands) -> None:
     run = commands.add_parser("run", help="run one stage", description="Run one stage. Re-running "
                               "the same command resumes an interrupted run or reuses a finished one.")
-    run.add_argument("stage", help=f"one of: {', '.join(_stage_names())}")
+    run.add_argument("stage", help=f"the stage ({_stage_list()})")
     run.add_argument("--config", help="stage YAML (default: the stage's built-in defaults)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     run.add_argument("--restart", action="store_true", help="start a new run instead of resuming")
@@ -112,10 +117,12 @@ def _add_run(commands) -> None:
 
 
 def _cmd_run(args) -> int:
+    from pipeline.runtime import is_main_process
+
     module, config = _load_stage_config(args.stage, args.config, args.overrides)
     registry = _registry(args)
     run = module.run(config, registry, restart=args.restart)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here; one answer
+    if is_main_process():  # under torchrun every process gets here; one answers
         print(json.dumps({"run": run.id, "status": run.status, "model_path": run.model_path}))
     return 0
 
@@ -176,12 +183,10 @@ def _run_of(registry, ref: str):
 
 
 def _cmd_registry_ls(args) -> int:
-    from pipeline.registry import Registry, default_home
+    from pipeline.registry import default_home, open_registry
+    registry = open_registry(args.home)  # listing an empty home creates nothing there
+    runs = registry.runs(args.stage) if registry else []
     home = args.home or default_home()
-    if not os.path.exists(os.path.join(home, "registry.db")):
-        runs = []
-    else:
-        runs = Registry(home).runs(args.stage)
     if args.json:
         print(json.dumps([run.as_json() for run in runs], ensure_ascii=False, indent=1))
         return 0
@@ -274,7 +279,7 @@ def _add_data(commands) -> None:
     gold.add_argument("--n", type=int, default=100, help="number of prompts")
     gold.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gold.add_argument("--json", action="store_true")
-    gold.set_defaults(handler=_lazy("pipeline.evaluate", "cmd_gold_score"))
+    gold.set_defaults(handler=_lazy("pipeline.commands.gold_score", "cmd_gold_score"))
 
 
 def _add_score(commands) -> None:
@@ -289,7 +294,7 @@ def _add_score(commands) -> None:
                        "disagrees most with the labels")
     score.add_argument("--plot", help="write a PNG of the score distribution per rank")
     score.add_argument("--json", action="store_true")
-    score.set_defaults(handler=_lazy("pipeline.scoring", "cmd_score"))
+    score.set_defaults(handler=_lazy("pipeline.commands.score", "cmd_score"))
 
 
 def _add_pipeline(commands) -> None:
@@ -301,15 +306,15 @@ def _add_pipeline(commands) -> None:
     run.add_argument("--from", dest="from_stage", help="start at this stage")
     run.add_argument("--only", help="run only this stage")
     run.add_argument("--restart", action="store_true", help="train every selected stage anew")
-    run.set_defaults(handler=_lazy("pipeline.chain", "cmd_pipeline_run"))
+    run.set_defaults(handler=_lazy("pipeline.commands.chain", "cmd_pipeline_run"))
     resume = commands.add_parser("resume", help="continue the most recent interrupted run or "
                                  "pipeline (or the one named)")
     resume.add_argument("run", nargs="?")
-    resume.set_defaults(handler=_lazy("pipeline.chain", "cmd_resume"))
+    resume.set_defaults(handler=_lazy("pipeline.commands.chain", "cmd_resume"))
     report = commands.add_parser("report", help="a report card (Markdown, PNG plots, HTML)")
     report.add_argument("ref", help="a pipeline or run reference")
     report.add_argument("--out", help="output directory (default: HOME/reports/RUN)")
-    report.set_defaults(handler=_lazy("pipeline.report", "cmd_report"))
+    report.set_defaults(handler=_lazy("pipeline.commands.report", "cmd_report"))
 
 
 def _add_checkpoint_tools(commands) -> None:
@@ -319,7 +324,7 @@ def _add_checkpoint_tools(commands) -> None:
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--top-k", type=int, default=0)
     chat.add_argument("--max-new-tokens", type=int, default=96)
-    chat.set_defaults(handler=_lazy("pipeline.chat", "cmd_chat"))
+    chat.set_defaults(handler=_lazy("pipeline.commands.chat", "cmd_chat"))
     generate = commands.add_parser("generate", help="sample answers for scripts")
     generate.add_argument("ref")
     generate.add_argument("--prompt", required=True)
@@ -329,7 +334,7 @@ def _add_checkpoint_tools(commands) -> None:
     generate.add_argument("--max-new-tokens", type=int, default=96)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--json", action="store_true")
-    generate.set_defaults(handler=_lazy("pipeline.chat", "cmd_generate"))
+    generate.set_defaults(handler=_lazy("pipeline.commands.chat", "cmd_generate"))
     label = commands.add_parser(
         "label", help="rank sampled answers in a local web page (reward data), and chat",
         description="Serve a page on this machine: for each prompt, rank K answers sampled from "
@@ -352,18 +357,18 @@ def _add_checkpoint_tools(commands) -> None:
     label.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
                        "machine only)")
     label.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    label.set_defaults(handler=_lazy("pipeline.label.server", "cmd_label"))
+    label.set_defaults(handler=_lazy("pipeline.commands.label.server", "cmd_label"))
     export = commands.add_parser("export", help="write a checkpoint as a plain HF directory")
     export.add_argument("ref")
     export.add_argument("out")
     export.add_argument("--merge", action="store_true", help="fold a LoRA adapter into the weights")
-    export.set_defaults(handler=_lazy("pipeline.export", "cmd_export"))
+    export.set_defaults(handler=_lazy("pipeline.commands.export", "cmd_export"))
 
 
 def _cmd_data_world(args) -> int:
     from pathlib import Path
 
-    from pipeline.world import write_world
+    from pipeline.world.farm import write_world
     files = write_world(Path(args.out), seed=args.seed, size=args.size, k=args.k)
     for name, path in sorted(files.items()):
         print(f"{name}: {path}")
@@ -371,7 +376,7 @@ def _cmd_data_world(args) -> int:
 
 
 def _cmd_data_validate(args) -> int:
-    from pipeline.data import validate_ranked_file
+    from pipeline.data.formats import validate_ranked_file
     print(f"{args.file}: {validate_ranked_file(args.file)} valid rows")
     return 0
 

@@ -29,44 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.data import (JSONL_SUFFIXES, Record, is_int, parse_object, ranked_parts,
-                           ranked_row, chat_turns, read_jsonl)
+from pipeline.data.formats import (JSONL_SUFFIXES, Record, is_int, parse_object, ranked_parts,
+                                   ranked_row)
+from pipeline.data.prompts import Prompt, checked_prompt, read_chat_prompts
 from pipeline.errors import UserError
 from pipeline.registry import fsync_dir
 
-Prompt = str | list[dict]
 SET_ASIDE = ("skipped", "flagged")
 
 
 def prompt_key(prompt: Prompt) -> str:
     """One string per distinct prompt (text or chat messages), for matching rows to prompts."""
     return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
-
-
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """The prompts of a JSONL file of {"prompt": text or chat messages} rows, in file order."""
-    prompts = []
-    for line, row in read_jsonl(path):
-        record = Record(str(path), line, row)
-        if "prompt" not in row:
-            raise UserError(f"{record.where}: no 'prompt' field; write one "
-                            "{\"prompt\": \"...\"} object per line")
-        prompts.append(checked_prompt(row["prompt"], record))
-    return prompts
-
-
-def checked_prompt(value: Any, record: Record) -> Prompt:
-    """Non-empty text, or chat messages ending with the user's turn (the answer comes next)."""
-    if isinstance(value, list):
-        messages = chat_turns(value, record, "prompt")
-        if messages[-1]["role"] != "user":
-            raise UserError(f"{record.where}: the prompt's last message is from "
-                            f"'{messages[-1]['role']}'; end it with the user's message")
-        return messages
-    if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{record.where}: 'prompt' must be non-empty text or a list of chat "
-                        "messages; fix the row")
-    return value
 
 
 def checked_out_path(path: str | Path, option: str) -> Path:
@@ -261,7 +235,7 @@ class LabelStore:
     @classmethod
     def load(cls, prompts_file: str | Path, out: Path, feedback: Path) -> LabelStore:
         """Read everything and check it; nothing is written until `open`."""
-        prompts = read_prompts(prompts_file)
+        prompts = read_chat_prompts(prompts_file)
         store = cls(prompts, JsonlLog(out), JsonlLog(out.with_name(out.name + ".progress")),
                     JsonlLog(feedback))
         for line, row in store.out.scan.rows:

@@ -9,33 +9,20 @@ into the registry home's data cache. The same prompt reader serves the stages' g
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from pipeline.data import read_jsonl
+from pipeline.data.prompts import read_prompts
 from pipeline.errors import UserError
+from pipeline.generation import SamplingConfig
+from pipeline.models import load_causal_lm
+from pipeline.registry import Registry
+from pipeline.tokenizer import load_tokenizer
+from pipeline.world.cache import WorldSection, world_file
+from pipeline.world.evaluation import gold_eval
 
 SAMPLES_SHOWN = 3
 
 
-def read_prompts(path: str | Path, n: int) -> list[str]:
-    """The first `n` prompts of a JSONL file of `{"prompt": "..."}` rows."""
-    prompts = []
-    for line, row in read_jsonl(path)[:n]:
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UserError(f"{path}:{line}: expected a non-empty text field 'prompt'; "
-                            "write one {\"prompt\": \"...\"} object per line")
-        prompts.append(prompt)
-    return prompts
-
-
 def cmd_gold_score(args) -> int:
-    from pipeline.generation import SamplingConfig, gold_eval
-    from pipeline.models import load_causal_lm
-    from pipeline.registry import Registry
-    from pipeline.sources import WorldSection, world_file
-    from pipeline.tokenizer import load_tokenizer
-
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.temperature < 0:

@@ -28,7 +28,7 @@ showing the working on a leg question (the legs of each animal, then "9 × 4 = 3
 the working (leg questions only); correct but curt; truncated (the answer is there, the sentence
 never ends); wrong (a wrong value, a true answer about other animals or another fact, or polite
 words that answer nothing); off-topic. The ranking is derived from these kinds, never from the gold
-scorer (`pipeline.gold`). The two differ on purpose in one place: the labellers behind the ranking
+scorer (`pipeline.world.gold`). The two differ on purpose in one place: the labellers behind the ranking
 like to see the working, the gold scorer only checks the total. Half of the demonstrations show no
 working, so the SFT policy often states a bare total, and a reward model that learned the ranking
 pushes the policy toward working it out, which makes a small model right more often (a gain the
@@ -37,19 +37,17 @@ gold scorer sees only as more right totals).
 Regenerate the shipped reward data: run the command below, then copy DIR/reward_train.jsonl and
 DIR/reward_eval.jsonl to reward_data/train.jsonl and reward_data/eval.jsonl.
 
-    python -m pipeline.world --out DIR --seed 0 --size tiny [--k 4]
+    rlhf data world --out DIR --seed 0 --size tiny [--k 4]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.errors import EXIT_USER_ERROR, UserError
+from pipeline.errors import UserError
 
 ZH_SHARE = 0.25  # fraction of documents, questions and answers written in Chinese
 MIN_K, MAX_K = 2, 9  # answers per ranked prompt
@@ -801,25 +799,3 @@ def write_world(out_dir: str | Path, seed: int = 0, size: str = "tiny", k: int =
         files[name] = out / f"{name}.jsonl"
         _write_jsonl(files[name], rows)
     return files
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.world",
-                                     description="Write the embedded farmyard world's data files.")
-    parser.add_argument("--out", required=True, type=Path, help="directory to write into")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", default="tiny", choices=list(SIZES))
-    parser.add_argument("--k", type=int, default=4, help=f"answers per ranked prompt ({MIN_K}-{MAX_K})")
-    args = parser.parse_args(argv)
-    try:
-        files = write_world(args.out, seed=args.seed, size=args.size, k=args.k)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    for name, path in files.items():
-        print(f"{name}: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ ranked best to worst by a labeler. The "Rank" tab shows one prompt of the prompt
 them in order (drag them, or press 1..K: each key places that answer next), may tie an answer with
 the one above it, and submits (Enter), skips (S) or flags (F, with an optional note) the prompt.
 A ranking is appended to --out at once, in the ranked format of reward_data/README.md, and fsync'd
-before the page moves on; `pipeline.label.store` describes the files and how a reopened session
+before the page moves on; `pipeline.commands.label.store` describes the files and how a reopened session
 resumes after the prompts already done. The answers of a prompt are kept while the server runs, so
 reloading the page shows the same ones. With --reward, the reward model's scores of the answers
 appear once the ranking is submitted, with how often it orders two answers as the labeler did.
@@ -51,13 +51,15 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pipeline.chain import open_registry, resolve_model
-from pipeline.chat import load_for_sampling, prompt_budget, reward_scorer, sampling_of
-from pipeline.data import Record
+from pipeline.commands.label.store import LabelStore, checked_out_path, distinct_answers
+from pipeline.data.formats import Record
+from pipeline.data.prompts import checked_prompt
 from pipeline.errors import UserError
-from pipeline.generation import SamplingConfig, generate_kwargs, sample
-from pipeline.label.store import LabelStore, checked_out_path, checked_prompt, distinct_answers
+from pipeline.generation import (SamplingConfig, generate_kwargs, load_for_sampling, prompt_budget,
+                                 sample)
 from pipeline.ranking import rank_positions, ranking_metrics
+from pipeline.registry import open_registry, resolve_model
+from pipeline.reward_model import reward_scorer
 from pipeline.tokenizer import encode_prompt
 
 STATIC = Path(__file__).with_name("static")
@@ -300,7 +302,7 @@ def checked_settings(args) -> SamplingConfig:
         raise UserError(f"--k must be {MIN_K} to {MAX_K} (answers per prompt), got {args.k}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0 to 65535 (0 picks a free port), got {args.port}")
-    sampling = sampling_of(args)
+    sampling = SamplingConfig.from_options(args)
     if sampling.temperature == 0:
         raise UserError("--temperature 0 samples the same answer K times, leaving nothing to rank; "
                         "use a temperature above 0, e.g. 1.0")
@@ -344,7 +346,7 @@ def cmd_label(args) -> int:
         resolve_model(registry, args.reward)  # a bad reference fails before anything loads
     listener = listening_socket(args.host, args.port)
     model, tokenizer = load_for_sampling(policy)
-    scorer = reward_scorer(registry, args.reward) if args.reward else None
+    scorer = reward_scorer(resolve_model(registry, args.reward)) if args.reward else None
     info = {"policy": args.policy, "reward": args.reward, "out": str(out),
             "feedback_out": str(feedback_out), "k": args.k, "temperature": sampling.temperature}
     labeling = Labeling(store, Models(model, tokenizer, sampling, args.seed, scorer), args.k, info)

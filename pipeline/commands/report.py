@@ -5,7 +5,7 @@
 It covers every stage run behind REF (a pipeline's stages, or a run and its ancestors): loss
 curves; the reward model's held-out accuracy and mean score by rank; PPO's reward-model score, KL,
 entropy and answer length; the gold score of each stage's published policy (greedy answers to the
-held-out prompts of the stages' own gold evals, scored by `pipeline.gold`); sample answers from
+held-out prompts of the stages' own gold evals, scored by `pipeline.world.gold`); sample answers from
 every checkpoint to the same prompts; timings and throughput; lineage. DIR gets `report.md`,
 `report.html`, the PNGs, and `report.json` with the numbers.
 
@@ -21,9 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.chain import PIPELINE_STAGE, open_registry, stage_runs
+from pipeline.data.prompts import read_prompts
 from pipeline.errors import UserError
-from pipeline.registry import Registry, Run
+from pipeline.generation import SamplingConfig, load_for_sampling
+from pipeline.models import is_reward_model
+from pipeline.registry import PIPELINE_STAGE, Registry, Run, open_registry
+from pipeline.world.cache import WorldSection, world_file
+from pipeline.world.evaluation import gold_eval
+from stages import STAGES
 
 SAMPLE_PROMPTS = 3        # prompts whose answers are shown side by side
 
@@ -173,7 +178,6 @@ def gold_settings(registry: Registry, runs: dict[str, Run]) -> GoldSettings | No
     """The gold-eval settings of the last stage with an `eval` section (sft, ppo): its prompts
     (`eval.prompts_file`, else its world's eval_prompts.jsonl), `eval.n_prompts` and
     `eval.max_new_tokens`. None when no stage ran a gold eval."""
-    from pipeline.sources import WorldSection, world_file
 
     for run in reversed(list(runs.values())):
         section = run.config.get("eval", {})
@@ -188,10 +192,6 @@ def gold_settings(registry: Registry, runs: dict[str, Run]) -> GoldSettings | No
 def gold_by_stage(registry: Registry, runs: dict[str, Run],
                   settings: GoldSettings) -> tuple[dict, list[str]]:
     """Each stage policy's gold summary (greedy answers), and the prompts."""
-    from pipeline.chat import is_reward_model, load_for_sampling
-    from pipeline.evaluate import read_prompts
-    from pipeline.generation import SamplingConfig, gold_eval
-
     prompts = read_prompts(settings.prompts_file, settings.n_prompts)
     sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=0.0)
     results = {}
@@ -243,7 +243,7 @@ class Report:
 
 def write_report(registry: Registry, run: Run, out: Path) -> Report:
     """Render the report card of `run` into `out`; returns the paths and the numbers."""
-    runs = stage_runs(registry, run)
+    runs = registry.stage_runs(run, list(STAGES))
     if not runs:
         raise UserError(f"{run.id} has no stage runs to report on yet; run the pipeline first")
     out.mkdir(parents=True, exist_ok=True)

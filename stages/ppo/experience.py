@@ -12,135 +12,26 @@ The policy's log-probs of the sampled tokens are taken from the logits `generate
 (scaled by the sampling temperature as sampling was), not from a second forward pass. Every forward
 pass gives position ids from the attention mask, which is how `generate` numbers left-padded
 prompts; a mismatch there, or in the temperature, is what shows up as negative KL.
-
-The reward and value models are scalar-head sequence classifiers (`AutoModelForSequenceClassification`
-with one label) read at every position (`TokenScorer`), so the score is taken at the EOS this
-module found, never where the classifier's own pad-token search would look (pad can equal EOS).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import Callable
 
 import torch
-from torch import nn
 
-from pipeline.tokenizer import left_pad
+from pipeline.data.packing import left_pad
+from stages.ppo.config import Config
 from stages.ppo.losses import (ended_with_eos, entropy_from_logits, gae, kl_k1, kl_k3,
                                last_valid_index, logprobs_from_logits, masked_whiten,
                                per_token_rewards, response_mask_after_eos)
+from stages.ppo.models import Models, rollout_values
 from stages.ppo.sampling import episode_sampler
-
-if TYPE_CHECKING:
-    from stages.ppo.trainer import Config
+from stages.ppo.threads import side_by_side
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
-T = TypeVar("T")
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: (B, L) 0/1 mask -> (B, L), the first real token at 0."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def response_logits(causal_lm, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                    response_width: int, with_hidden: bool = False):
-    """Logits that predicted each response token, and optionally the last hidden state there.
-
-    sequences, attention_mask: (B, L) with the response in the last T = response_width columns.
-    Returns ((B, T, V) logits, (B, T, H) hidden states or None): position P − 1 + t predicts token t.
-    Only the last T + 1 positions go through the output layer.
-    """
-    out = causal_lm(input_ids=sequences, attention_mask=attention_mask,
-                    position_ids=positions(attention_mask), logits_to_keep=response_width + 1,
-                    output_hidden_states=with_hidden, use_cache=False)
-    hidden = out.hidden_states[-1][:, -(response_width + 1):-1] if with_hidden else None
-    return out.logits[:, :-1], hidden
-
-
-class SafetensorsModule(nn.Module):
-    """A module that a resume state stores as one safetensors file of its state dict.
-
-    `StageRun.save_state` saves every model with `save_pretrained(directory, state_dict=...)`;
-    these modules load back with `load_pretrained(directory)`, exactly, whatever classes they wrap.
-    """
-
-    WEIGHTS_FILE = "weights.safetensors"
-
-    def save_pretrained(self, directory: Path, state_dict: dict | None = None) -> None:
-        from safetensors.torch import save_file
-        tensors = self.state_dict() if state_dict is None else state_dict
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        # Copies: safetensors refuses tensors that share memory (tied embeddings).
-        save_file({name: tensor.detach().clone().contiguous() for name, tensor in tensors.items()},
-                  str(Path(directory) / self.WEIGHTS_FILE))
-
-    def load_pretrained(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-        self.load_state_dict(load_file(str(Path(directory) / self.WEIGHTS_FILE)))
-
-
-class TokenScorer(SafetensorsModule):
-    """A scalar-head sequence classifier read at every position: (B, L) ids -> (B, L) float32.
-
-    Serves the frozen reward model (read at the EOS) and the trainable value model (read at every
-    state before a response token). The head keeps the bias the reward stage's normalization adds.
-    """
-
-    def __init__(self, classifier):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        backbone = getattr(self.classifier, self.classifier.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=positions(attention_mask), use_cache=False).last_hidden_state
-        return self.classifier.score(hidden).squeeze(-1).float()
-
-
-class ValueHead(SafetensorsModule):
-    """The value model of `value.shared_backbone`: a linear map of the policy's last hidden state.
-
-    (B, T, H) -> (B, T). Zero-initialized, so every value starts at 0.
-    """
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden).squeeze(-1).float()
-
-
-@dataclass
-class Models:
-    """Everything a rollout and an update touch (unwrapped from any distributed wrapper).
-
-    Exactly one of `value_model` (a separate critic) and `value_head` (on the policy) is set;
-    `reference` is None with LoRA, where the policy with its adapter disabled is the reference.
-    """
-
-    policy: nn.Module
-    reference: nn.Module | None
-    reward_model: TokenScorer
-    value_model: TokenScorer | None
-    value_head: ValueHead | None
-
-    @property
-    def critic(self) -> SafetensorsModule:
-        """Whichever of the value model and the value head is trained."""
-        return self.value_head if self.value_head is not None else self.value_model
-
-    def reference_logits(self, sequences, attention_mask, response_width) -> torch.Tensor:
-        if self.reference is not None:
-            return response_logits(self.reference, sequences, attention_mask, response_width)[0]
-        with self.policy.disable_adapter():
-            return response_logits(self.policy, sequences, attention_mask, response_width)[0]
 
 
 @dataclass
@@ -176,31 +67,6 @@ class Experience:
         """The episodes at `index` (a minibatch); 0-dim fields are kept as they are."""
         return Experience(**{f.name: getattr(self, f.name)[index] if getattr(self, f.name).dim()
                              else getattr(self, f.name) for f in fields(self)})
-
-
-def side_by_side(*tasks: Callable[[], T], workers: int) -> list[T]:
-    """Run independent model passes at the same time, up to `workers` threads; their results.
-
-    Meant for a CPU whose intra-op threads are set to 1 (see `PPOTrainer`): small models split
-    over several intra-op threads synchronize at every matrix multiply, which a CPU shared with
-    other work turns into waiting (measured here: 5-20x slower at 2 threads under load), while
-    passes through different models, one thread each, keep the cores busy without it. Each pass
-    computes exactly what it would alone, so results do not depend on the scheduling. The
-    workers inherit the caller's grad mode and CPU autocast (both are per thread).
-    """
-    if workers < 2 or len(tasks) < 2:
-        return [task() for task in tasks]
-    grad_enabled = torch.is_grad_enabled()
-    autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-
-    def in_callers_mode(task: Callable[[], T]) -> T:
-        with torch.set_grad_enabled(grad_enabled), \
-                torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
-            return task()
-
-    with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-        futures = [pool.submit(in_callers_mode, task) for task in tasks]
-        return [future.result() for future in futures]
 
 
 @torch.no_grad()
@@ -246,8 +112,6 @@ def make_experience(models: Models, prompts: list[list[int]], keys: torch.Tensor
     reward passes run on up to `workers` threads (`side_by_side`). `timings` receives the seconds
     spent generating (`time_generate`) and scoring (`time_score`).
     """
-    import time
-
     started = time.perf_counter()
     sequences, attention_mask, mask, logits = sample(models.policy, prompts, keys, config,
                                                      eos_token_id, pad_token_id)
@@ -288,17 +152,3 @@ def make_experience(models: Models, prompts: list[list[int]], keys: torch.Tensor
                       logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                       rm_scores=rm_scores, scores=scores, ended=ended, kl=kl,
                       advantages=advantages, returns=returns, entropy=entropy)
-
-
-def rollout_values(models: Models, sequences, attention_mask, response_width: int) -> torch.Tensor:
-    """(B, T) values of the states before each response token, from the critic or the value head."""
-    if models.value_head is not None:
-        _, hidden = response_logits(models.policy, sequences, attention_mask, response_width,
-                                    with_hidden=True)
-        return models.value_head(hidden)
-    return critic_values(models.value_model, sequences, attention_mask, response_width)
-
-
-def critic_values(value_model, sequences, attention_mask, response_width: int) -> torch.Tensor:
-    """A separate value model's (B, T) values: its outputs at positions P − 1 … L − 2."""
-    return value_model(sequences, attention_mask)[:, -(response_width + 1):-1]

@@ -1,0 +1,202 @@
+"""The PPO stage's models: policy, reference, reward model, value model (or value head), and the
+EMA of the policy, built from the starting policy and the reward model or from a resume state.
+
+The reward and value models are scalar-head sequence classifiers (`AutoModelForSequenceClassification`
+with one label) read at every position (`TokenScorer`), so the score is taken at the EOS the
+rollout found, never where the classifier's own pad-token search would look (pad can equal EOS).
+Every forward pass gives position ids from the attention mask, which is how `generate` numbers
+left-padded prompts; a mismatch there is what shows up as negative KL.
+
+Shapes: B episodes, P prompt width (left-padded), T response width, L = P + T, V vocabulary,
+H hidden size.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.models import apply_lora, load_causal_lm
+from pipeline.registry import Resolved
+from stages.ppo.config import Config
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: (B, L) 0/1 mask -> (B, L), the first real token at 0."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def response_logits(causal_lm, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                    response_width: int, with_hidden: bool = False):
+    """Logits that predicted each response token, and optionally the last hidden state there.
+
+    sequences, attention_mask: (B, L) with the response in the last T = response_width columns.
+    Returns ((B, T, V) logits, (B, T, H) hidden states or None): position P − 1 + t predicts token t.
+    Only the last T + 1 positions go through the output layer.
+    """
+    out = causal_lm(input_ids=sequences, attention_mask=attention_mask,
+                    position_ids=positions(attention_mask), logits_to_keep=response_width + 1,
+                    output_hidden_states=with_hidden, use_cache=False)
+    hidden = out.hidden_states[-1][:, -(response_width + 1):-1] if with_hidden else None
+    return out.logits[:, :-1], hidden
+
+
+class SafetensorsModule(nn.Module):
+    """A module that a resume state stores as one safetensors file of its state dict.
+
+    `StageRun.save_state` saves every model with `save_pretrained(directory, state_dict=...)`;
+    these modules load back with `load_pretrained(directory)`, exactly, whatever classes they wrap.
+    """
+
+    WEIGHTS_FILE = "weights.safetensors"
+
+    def save_pretrained(self, directory: Path, state_dict: dict | None = None) -> None:
+        tensors = self.state_dict() if state_dict is None else state_dict
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        # Copies: safetensors refuses tensors that share memory (tied embeddings).
+        save_file({name: tensor.detach().clone().contiguous() for name, tensor in tensors.items()},
+                  str(Path(directory) / self.WEIGHTS_FILE))
+
+    def load_pretrained(self, directory: Path) -> None:
+        self.load_state_dict(load_file(str(Path(directory) / self.WEIGHTS_FILE)))
+
+
+class TokenScorer(SafetensorsModule):
+    """A scalar-head sequence classifier read at every position: (B, L) ids -> (B, L) float32.
+
+    Serves the frozen reward model (read at the EOS) and the trainable value model (read at every
+    state before a response token). The head keeps the bias the reward stage's normalization adds.
+    """
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        backbone = getattr(self.classifier, self.classifier.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=positions(attention_mask), use_cache=False).last_hidden_state
+        return self.classifier.score(hidden).squeeze(-1).float()
+
+
+class ValueHead(SafetensorsModule):
+    """The value model of `value.shared_backbone`: a linear map of the policy's last hidden state.
+
+    (B, T, H) -> (B, T). Zero-initialized, so every value starts at 0.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1).float()
+
+
+@dataclass
+class Models:
+    """Everything a rollout and an update touch (unwrapped from any distributed wrapper).
+
+    Exactly one of `value_model` (a separate critic) and `value_head` (on the policy) is set;
+    `reference` is None with LoRA, where the policy with its adapter disabled is the reference.
+    """
+
+    policy: nn.Module
+    reference: nn.Module | None
+    reward_model: TokenScorer
+    value_model: TokenScorer | None
+    value_head: ValueHead | None
+
+    @property
+    def critic(self) -> SafetensorsModule:
+        """Whichever of the value model and the value head is trained."""
+        return self.value_head if self.value_head is not None else self.value_model
+
+    def reference_logits(self, sequences, attention_mask, response_width) -> torch.Tensor:
+        if self.reference is not None:
+            return response_logits(self.reference, sequences, attention_mask, response_width)[0]
+        with self.policy.disable_adapter():
+            return response_logits(self.policy, sequences, attention_mask, response_width)[0]
+
+
+def rollout_values(models: Models, sequences, attention_mask, response_width: int) -> torch.Tensor:
+    """(B, T) values of the states before each response token, from the critic or the value head."""
+    if models.value_head is not None:
+        _, hidden = response_logits(models.policy, sequences, attention_mask, response_width,
+                                    with_hidden=True)
+        return models.value_head(hidden)
+    return critic_values(models.value_model, sequences, attention_mask, response_width)
+
+
+def critic_values(value_model, sequences, attention_mask, response_width: int) -> torch.Tensor:
+    """A separate value model's (B, T) values: its outputs at positions P − 1 … L − 2."""
+    return value_model(sequences, attention_mask)[:, -(response_width + 1):-1]
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    return model.requires_grad_(False).eval()
+
+
+class PolicyEMA(SafetensorsModule):
+    """Exponential moving average of the policy's trainable weights (float32), updated after every
+    policy optimizer step: w_ema ← decay · w_ema + (1 − decay) · w."""
+
+    def __init__(self, policy: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        for name, param in trainable(policy):
+            # Buffer names cannot hold dots; '/' keeps the parameter's name readable in the file.
+            self.register_buffer(name.replace(".", "/"), param.detach().float().clone())
+
+    @torch.no_grad()
+    def update(self, policy: nn.Module) -> None:
+        for average, (_, param) in zip(self.buffers(), trainable(policy)):
+            average.lerp_(param.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, policy: nn.Module) -> None:
+        for average, (_, param) in zip(self.buffers(), trainable(policy)):
+            param.copy_(average)
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+
+
+def build_models(config: Config, start_policy: nn.Module, reward_model: nn.Module, tokenizer,
+                 resume_dir: Path | None) -> Models:
+    """Policy, reference, reward and value models, from the starting policy and the reward model
+    or from a resume state."""
+    if len(tokenizer) > start_policy.get_input_embeddings().num_embeddings:
+        start_policy.resize_token_embeddings(len(tokenizer))  # a role token the model lacks
+    if config.lora.enabled:
+        # The adapter is the only trainable part; disabling it gives back the reference.
+        if resume_dir is None:
+            policy = apply_lora(start_policy, config.lora)
+        else:
+            from peft import PeftModel  # imported only when LoRA is on: it is slow to import
+            policy = PeftModel.from_pretrained(start_policy, resume_dir / "model", is_trainable=True)
+        reference = None
+    else:
+        reference = frozen(start_policy if resume_dir else copy.deepcopy(start_policy))
+        policy = (load_causal_lm(Resolved(str(resume_dir / "model")),
+                                 trust_remote_code=config.runtime.trust_remote_code)
+                  if resume_dir else start_policy).requires_grad_(True)  # a merged adapter froze it
+    value_model = value_head = None
+    if config.value.shared_backbone:
+        value_head = ValueHead(policy.config.hidden_size)
+    else:  # a trainable copy, made before the reward model is frozen
+        value_model = TokenScorer(copy.deepcopy(reward_model).requires_grad_(True))
+    models = Models(policy=policy.eval(), reference=reference,
+                    reward_model=frozen(TokenScorer(reward_model)),
+                    value_model=value_model, value_head=value_head)
+    if resume_dir is not None:
+        models.critic.load_pretrained(resume_dir / "value")
+    return models
