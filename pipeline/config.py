@@ -16,16 +16,43 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import UserError
+from pipeline.guard import MAX_CONFIG_BYTES, MAX_SEED, input_file
+
+# Whole numbers in a config are counts, sizes and seeds: past 2**53 they are typing mistakes, and
+# past 2**63 SQLite (the step of a metric) and torch cannot hold them.
+MAX_WHOLE_NUMBER = 2**53
+NUMBERS = (int, float, int | None, float | None)
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are type-checked."""
+    """Base of every config section: unknown keys are errors, values are type-checked, numbers
+    are finite (NaN and infinity are refused) and whole numbers at most MAX_WHOLE_NUMBER."""
 
     # Numbers given for text fields (`model.source=2024`) are read as text, not rejected.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value, info):
+        # pydantic reads true as 1 for a number field; in a config that is a slip, not a count.
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in NUMBERS:
+            raise PydanticCustomError("bool_for_number", "a number")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _whole_numbers_in_range(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool) and \
+                abs(value) > MAX_WHOLE_NUMBER:
+            raise PydanticCustomError("whole_number_too_large",
+                                      f"at most {MAX_WHOLE_NUMBER:,} (2**53)")
+        return value
 
 
 class TrainConfig(Section):
@@ -82,7 +109,7 @@ class LoraConfig(Section):
 class StageConfig(Section):
     """Fields every stage has; each stage subclasses it with its own sections."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -112,21 +139,50 @@ def _error_source(error: dict, path, overrides) -> str:
     return str(path) if path is not None else "config"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last
+    value silently, so a run would use a setting other than the one the reader sees)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}  # key → the node that gave it first
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: later keys override it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base class says what is wrong
+                break
+            if earlier is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line "
+                    f"{earlier.start_mark.line + 1}); keep one of them", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str):
+    """YAML text as Python values, by `UniqueKeyLoader`."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir() or not (path.exists() or path.is_symlink()):
         what = "is a directory" if path.is_dir() else "does not exist"
         raise UserError(f"config file {path} {what}; pass an existing YAML file, "
                         f"e.g. configs/tiny/pretrain.yaml")
+    path = input_file(path, "config file", max_bytes=MAX_CONFIG_BYTES)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"{where}: YAML syntax error: {problem}")
+        kind = "YAML error" if isinstance(err, yaml.constructor.ConstructorError) else \
+            "YAML syntax error"
+        raise UserError(f"{where}: {kind}: {problem}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -140,7 +196,9 @@ def apply_override(raw: dict, item: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override '{item}' is not of the form key=value (e.g. train.lr=3e-4)")
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = parse_yaml(text) if text != "" else ""
+    except yaml.constructor.ConstructorError as err:  # e.g. a key given twice: {a: 1, a: 2}
+        raise UserError(f"override '{item}': {err.problem}") from None
     except yaml.YAMLError:
         value = text
     node = raw
@@ -164,8 +222,13 @@ _EXPECTED = {
     "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
     "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
     "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
-    "dict_type": "a mapping", "model_type": "a mapping of keys",
+    "dict_type": "a mapping", "model_type": "a mapping of keys", "finite_number": "a finite number",
+    "bool_for_number": "a number", "whole_number_too_large": f"a whole number of at most {MAX_WHOLE_NUMBER:,} (2**53)",
 }
+
+
+_BOUNDS = {"greater_than": "more than", "greater_than_equal": "at least",
+           "less_than": "less than", "less_than_equal": "at most"}
 
 
 def describe_error(config_cls: type[BaseModel], error: dict, source: str) -> str:
@@ -184,6 +247,9 @@ def describe_error(config_cls: type[BaseModel], error: dict, source: str) -> str
         return f"{source}: {dotted} must be {expected}, got {error.get('input')!r}"
     if kind == "value_error":  # a rule of a config's own (a model validator): its message
         return f"{source}: {error['ctx']['error']}"
+    if kind in _BOUNDS:
+        bound = next(iter(error.get("ctx", {}).values()), "?")
+        return f"{source}: {dotted} must be {_BOUNDS[kind]} {bound}, got {error.get('input')!r}"
     expected = _EXPECTED.get(kind)
     if expected:
         return f"{source}: {dotted} expects {expected}, got {error.get('input')!r}"

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.data.packing import left_pad
 from pipeline.errors import UserError
-from pipeline.models import is_reward_model, load_causal_lm
+from pipeline.models import load_causal_lm
 from pipeline.registry import Resolved
 from pipeline.tokenizer import encode_prompt, load_tokenizer
 
@@ -28,11 +28,8 @@ class SamplingConfig:
 
     @classmethod
     def from_options(cls, options) -> "SamplingConfig":
-        """The settings of a command's --temperature, --top-k and --max-new-tokens, checked."""
-        if options.temperature < 0:
-            raise UserError(f"--temperature must be 0 (greedy) or more, got {options.temperature}")
-        if options.top_k < 0 or options.max_new_tokens < 1:
-            raise UserError("--top-k must be 0 (off) or more and --max-new-tokens at least 1")
+        """The settings of a command's --temperature, --top-k and --max-new-tokens (the guard's
+        option types checked their ranges as the command line was parsed)."""
         return cls(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                    top_k=options.top_k, batch_size=32)
 
@@ -72,16 +69,13 @@ def generate_kwargs(tokenizer, sampling: SamplingConfig) -> dict:
     return kwargs
 
 
-def load_for_sampling(resolved: Resolved):
-    """A causal LM and its tokenizer, ready to generate (eval mode, GPU when there is one)."""
+def load_for_sampling(resolved: Resolved, role: str = "the policy"):
+    """A causal LM and its tokenizer, ready to generate (eval mode, GPU when there is one); the
+    guard refuses any other kind of model, naming `role`."""
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # a bar per weight load would interleave with the conversation
-    if is_reward_model(resolved.path):
-        raise UserError(f"{resolved.path} is a reward model, which scores answers rather than "
-                        f"writing them; pass a policy (e.g. sft:latest or ppo:latest), and the "
-                        f"reward model as --reward")
-    model = load_causal_lm(resolved, trainable_adapter=False)
+    model = load_causal_lm(resolved, trainable_adapter=False, role=role)
     tokenizer = load_tokenizer(resolved.path)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # The tokenizer needed chat tokens the model never saw; sampling must not index past them.

@@ -8,14 +8,15 @@ manifest before loading. LoRA adapters (peft) are applied and loaded here too.
 from __future__ import annotations
 
 import json
+import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from pipeline.config import LoraConfig, remote_code_warning
 from pipeline.errors import UserError, first_line
-from pipeline.registry import MANIFEST, Resolved, require_intact
-
-ADAPTER_CONFIG = "adapter_config.json"  # what marks a directory as a peft (LoRA) adapter
+from pipeline.guard import ADAPTER_CONFIG, require_causal_lm
+from pipeline.registry import Resolved
 
 # hidden, layers, heads, intermediate, vocab, context
 PRESETS = {
@@ -47,38 +48,45 @@ def build_from_preset(preset: str, tokenizer, seed: int):
     return model
 
 
-def checked_path(resolved: Resolved) -> str:
-    """Verify a registry checkpoint before use; plain directories and hub names pass through."""
-    path = Path(resolved.path)
-    if resolved.run is not None:
-        directory = path.parent if resolved.step is not None else path
-        require_intact(directory)
-    elif path.is_dir() and (path / MANIFEST).exists():
-        require_intact(path)
-    return resolved.path
+@contextmanager
+def loading_errors(what: str, path: str):
+    """What transformers, safetensors or torch raise on a damaged or foreign model directory, as
+    one UserError line: `cannot load WHAT from PATH: why`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError,
+            pickle.UnpicklingError) as err:
+        raise UserError(f"cannot load {what} from {path}: {first_line(err)}") from None
 
 
 def load_causal_lm(resolved: Resolved, *, trust_remote_code: bool = False,
-                   trainable_adapter: bool = True):
-    """Load a causal LM (full model or peft adapter directory) for training or sampling."""
+                   trainable_adapter: bool = True, role: str = "model"):
+    """Load a causal LM (full model or peft adapter directory) for training or sampling; `role`
+    names the setting that gave it, for the guard's messages (a reward model is refused)."""
     from transformers import AutoModelForCausalLM
-    path = checked_path(resolved)
+    path = require_causal_lm(resolved, role, trust_remote_code)
     warn_remote_code(trust_remote_code)
     adapter = Path(path) / ADAPTER_CONFIG
-    try:
+    with loading_errors("a causal LM", path):
         if adapter.exists():
-            return _load_adapter(path, adapter, trust_remote_code, trainable_adapter)
+            return _load_adapter(path, adapter, trust_remote_code, trainable_adapter, role)
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                     dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a causal LM from {path}: {first_line(err)}") from None
 
 
-def _load_adapter(path: str, adapter_file: Path, trust_remote_code: bool, trainable: bool):
+def _load_adapter(path: str, adapter_file: Path, trust_remote_code: bool, trainable: bool,
+                  role: str):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    base_name = json.loads(adapter_file.read_text())["base_model_name_or_path"]
-    base = AutoModelForCausalLM.from_pretrained(base_name, trust_remote_code=trust_remote_code,
+    try:
+        base_name = json.loads(adapter_file.read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{adapter_file}: no base_model_name_or_path; restore the file") from None
+    base_path = require_causal_lm(Resolved(str(base_name)), f"{role} (the adapter's base)",
+                                  trust_remote_code, adapter=False)
+    base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trust_remote_code,
                                                 dtype=torch.float32)
     return PeftModel.from_pretrained(base, path, is_trainable=trainable)
 
@@ -116,16 +124,3 @@ def _set_generation_ids(model, tokenizer) -> None:
 def count_parameters(model, trainable_only: bool = False) -> int:
     """The model's parameters (only those that train, with `trainable_only`)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def is_reward_model(path: str | Path) -> bool:
-    """A published reward model is a sequence classifier, which has no answers to give."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return False
-    try:
-        architectures = json.loads(config_file.read_text()).get("architectures") or []
-    except (ValueError, AttributeError):  # not a config we can read: loading will say what is wrong
-        return False
-    return bool(architectures) and all(name.endswith("ForSequenceClassification")
-                                       for name in architectures)

@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 
 from pipeline.data.packing import right_pad
-from pipeline.errors import UserError, first_line
+from pipeline.errors import UserError
+from pipeline.guard import REWARD_MARKER, require_reward_model
 from pipeline.registry import Resolved
 
-REWARD_MARKER = "reward_model.json"
 MARKER_KIND = "reward_model"
 
 
@@ -88,48 +88,32 @@ def zero_dropout(config) -> None:
             setattr(config, name, 0.0)
 
 
-def load_reward_model(resolved: Resolved, trust_remote_code: bool = False):
+def load_reward_model(resolved: Resolved, trust_remote_code: bool = False,
+                      role: str = "reward model"):
     """(model, tokenizer) of a reward checkpoint, in eval mode, scoring normalized values.
 
     Accepts a directory this project published (with `reward_model.json`) and any plain one-label
     sequence-classification checkpoint (no shift; it is scored with its own pad token, as it was
-    trained). Anything else is refused: a causal LM is not a reward model.
+    trained). Anything else is refused by the guard, naming `role` (the setting that gave it): a
+    causal LM is not a reward model.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    from pipeline.models import checked_path, warn_remote_code
+    from pipeline.models import loading_errors, warn_remote_code
     from pipeline.tokenizer import load_tokenizer
 
-    path = checked_path(resolved)
+    path = require_reward_model(resolved, role, trust_remote_code)
     marker = read_marker(path)
     warn_remote_code(trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a reward model from {path}: {first_line(err)}") from None
-    if marker is None and not is_reward_config(config):
-        architectures = ", ".join(config.architectures or ["unknown"])
-        raise UserError(f"{path} is not a reward model (architecture {architectures}, no "
-                        f"{REWARD_MARKER}); train one with `rlhf run reward` or pass a reward "
-                        f"checkpoint such as reward:latest")
-    try:
+    with loading_errors("a reward model", path):
         model = AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a reward model from {path}: {first_line(err)}") from None
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if marker and marker.get("shift"):
         set_score_bias(model, -float(marker["shift"]))
     return model.eval(), tokenizer
-
-
-def is_reward_config(config) -> bool:
-    """A one-label sequence classifier (how third-party reward models are saved)."""
-    architectures = config.architectures or []
-    return config.num_labels == 1 and any(a.endswith("ForSequenceClassification")
-                                          for a in architectures)
 
 
 def read_marker(path: str | Path) -> dict | None:
@@ -234,10 +218,11 @@ def score_texts(model, tokenizer, prompts: list, responses: list[str],
     return score_sequences(model, seqs, batch_size)
 
 
-def reward_scorer(resolved: Resolved) -> Callable[[str | list[dict], str], float]:
+def reward_scorer(resolved: Resolved, role: str = "--reward",
+                  ) -> Callable[[str | list[dict], str], float]:
     """`score(prompt, answer)` with the reward model at `resolved`, one answer at a time (the
     labeling page and `rlhf chat --reward` score answers as they come)."""
-    reward_model, tokenizer = load_reward_model(resolved)
+    reward_model, tokenizer = load_reward_model(resolved, role=role)
     return lambda prompt, answer: score_texts(reward_model, tokenizer, [prompt], [answer])[0]
 
 

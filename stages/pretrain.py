@@ -22,6 +22,7 @@ from pipeline.data.fingerprint import fingerprint_files
 from pipeline.data.formats import read_text_corpus
 from pipeline.data.packing import pack_blocks
 from pipeline.errors import UserError
+from pipeline.guard import require_causal_lm
 from pipeline.loop import fit, micro_batch_indices
 from pipeline.models import PRESETS, build_from_preset, count_parameters, load_causal_lm
 from pipeline.registry import Registry, Resolved, Run
@@ -110,8 +111,9 @@ def _train(stage_run, config: Config, texts: list[str], source: tuple | None) ->
 def _load_source(config: Config, resolved: Resolved) -> tuple:
     """(tokenizer, model) of a checkpoint to continue pretraining."""
     trust = config.runtime.trust_remote_code
-    return (load_tokenizer(resolved.path, trust_remote_code=trust),
-            load_causal_lm(resolved, trust_remote_code=trust))
+    path = require_causal_lm(resolved, "model.source", trust)
+    return (load_tokenizer(path, trust_remote_code=trust),
+            load_causal_lm(resolved, trust_remote_code=trust, role="model.source"))
 
 
 def _tokenizer_and_model(stage_run, config: Config, texts: list[str], source: tuple | None):

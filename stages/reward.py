@@ -38,8 +38,8 @@ from pipeline.data.packing import right_pad
 from pipeline.errors import UserError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.loop import fit, micro_batch_indices
-from pipeline.models import (apply_lora, checked_path, count_parameters, load_causal_lm,
-                             merge_adapter)
+from pipeline.guard import require_causal_lm
+from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.ranking import encode_groups, kwise_ranking_loss, ranking_metrics
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_model, encode_answers,
@@ -122,8 +122,9 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
-    tokenizer = reward_tokenizer(checked_path(parents["model"]),
-                                 trust_remote_code=config.runtime.trust_remote_code)
+    trust = config.runtime.trust_remote_code
+    tokenizer = reward_tokenizer(require_causal_lm(parents["model"], "model.source", trust),
+                                 trust_remote_code=trust)
     check_context(tokenizer, config.data.max_length)
     train_files, eval_files = train_and_eval_files(registry, config.data, "reward")
     train_set, eval_set = load_splits(tokenizer, train_files, eval_files, config)

@@ -33,8 +33,8 @@ from pipeline.data.prompts import read_prompts
 from pipeline.errors import UserError
 from pipeline.generation import SamplingConfig
 from pipeline.loop import fit, micro_batch_indices, to_device
-from pipeline.models import (ADAPTER_CONFIG, apply_lora, checked_path, count_parameters,
-                             load_causal_lm, merge_adapter)
+from pipeline.guard import ADAPTER_CONFIG, require_causal_lm
+from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.runtime import StageRun
 from pipeline.tokenizer import IGNORE_INDEX, check_context, encode_chat, load_tokenizer
@@ -104,7 +104,8 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code
-    tokenizer = load_tokenizer(checked_path(parents["model"]), trust_remote_code=trust)
+    tokenizer = load_tokenizer(require_causal_lm(parents["model"], "model.source", trust),
+                               trust_remote_code=trust)
     check_context(tokenizer, config.data.max_length)
     check_lora_start(parents["model"], tokenizer, config.lora, trust)
     train_files, eval_files = train_and_eval_files(registry, config.data, "sft")

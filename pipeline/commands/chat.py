@@ -45,7 +45,7 @@ def user_lines(interactive: bool) -> Iterator[str]:
 def cmd_chat(args) -> int:
     sampling = SamplingConfig.from_options(args)
     registry = open_registry(args.home)
-    model, tokenizer = load_for_sampling(resolve_model(registry, args.ref))
+    model, tokenizer = load_for_sampling(resolve_model(registry, args.ref), role=args.ref)
     scorer = reward_scorer(resolve_model(registry, args.reward)) if args.reward else None
     conversation = Conversation(model, tokenizer, sampling)
     interactive = sys.stdin.isatty()
@@ -79,11 +79,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1, got {args.n}")
     sampling = SamplingConfig.from_options(args)
     resolved = resolve_model(open_registry(args.home), args.ref)
-    model, tokenizer = load_for_sampling(resolved)
+    model, tokenizer = load_for_sampling(resolved, role=args.ref)
     answers = sample(model, tokenizer, [args.prompt] * args.n, sampling, seed=args.seed,
                      max_prompt_tokens=prompt_budget(model, sampling.max_new_tokens))
     if args.json:

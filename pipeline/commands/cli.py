@@ -13,6 +13,8 @@ import sys
 import time
 
 from pipeline.errors import EXIT_USER_ERROR, UserError, run_command
+from pipeline.guard import (max_new_tokens_option, number_option, seed_option, temperature_option,
+                            top_k_option)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,7 +268,7 @@ def _add_data(commands) -> None:
     sub = data.add_subparsers(title="data commands", metavar="ACTION")
     world = sub.add_parser("world", help="write the world's data files (deterministic)")
     world.add_argument("--out", required=True)
-    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--seed", type=seed_option, default=0)
     world.add_argument("--size", choices=["tiny", "small"], default="tiny")
     world.add_argument("--k", type=int, default=4, help="answers per ranked prompt (2-9)")
     world.set_defaults(handler=_cmd_data_world)
@@ -276,8 +278,8 @@ def _add_data(commands) -> None:
     gold = sub.add_parser("gold-score", help="sample a model on held-out prompts; gold-score it")
     gold.add_argument("ref", help="model reference (run id, STAGE:latest, alias, directory)")
     gold.add_argument("--prompts", help="JSONL of {\"prompt\": ...} (default: the world's eval prompts)")
-    gold.add_argument("--n", type=int, default=100, help="number of prompts")
-    gold.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gold.add_argument("--n", type=number_option(int, low=1), default=100, help="number of prompts")
+    gold.add_argument("--temperature", type=temperature_option, default=0.0, help="0 = greedy")
     gold.add_argument("--json", action="store_true")
     gold.set_defaults(handler=_lazy("pipeline.commands.gold_score", "cmd_gold_score"))
 
@@ -290,7 +292,7 @@ def _add_score(commands) -> None:
     score.add_argument("--prompt")
     score.add_argument("--response", action="append", default=[], help="repeat for each answer")
     score.add_argument("--data", help="ranked JSONL file (any accepted reward format)")
-    score.add_argument("--worst", type=int, default=5, help="prompts shown where the model "
+    score.add_argument("--worst", type=number_option(int, low=0), default=5, help="prompts shown where the model "
                        "disagrees most with the labels")
     score.add_argument("--plot", help="write a PNG of the score distribution per rank")
     score.add_argument("--json", action="store_true")
@@ -321,18 +323,19 @@ def _add_checkpoint_tools(commands) -> None:
     chat = commands.add_parser("chat", help="talk to a checkpoint in the terminal")
     chat.add_argument("ref")
     chat.add_argument("--reward", help="show this reward model's score of each answer")
-    chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--top-k", type=int, default=0)
-    chat.add_argument("--max-new-tokens", type=int, default=96)
+    chat.add_argument("--temperature", type=temperature_option, default=0.7, help="0 = greedy")
+    chat.add_argument("--top-k", type=top_k_option, default=0, help="0 = off")
+    chat.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96)
     chat.set_defaults(handler=_lazy("pipeline.commands.chat", "cmd_chat"))
     generate = commands.add_parser("generate", help="sample answers for scripts")
     generate.add_argument("ref")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--n", type=int, default=1)
-    generate.add_argument("--temperature", type=float, default=0.7)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--max-new-tokens", type=int, default=96)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--n", type=number_option(int, low=1, high=100_000), default=1,
+                          help="answers to sample")
+    generate.add_argument("--temperature", type=temperature_option, default=0.7, help="0 = greedy")
+    generate.add_argument("--top-k", type=top_k_option, default=0, help="0 = off")
+    generate.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96)
+    generate.add_argument("--seed", type=seed_option, default=0)
     generate.add_argument("--json", action="store_true")
     generate.set_defaults(handler=_lazy("pipeline.commands.chat", "cmd_generate"))
     label = commands.add_parser(
@@ -349,14 +352,16 @@ def _add_checkpoint_tools(commands) -> None:
     label.add_argument("--out", required=True, help="ranked JSONL written (appended to)")
     label.add_argument("--feedback-out", help="chat pairs JSONL (default: OUT's name with "
                        ".chat.jsonl)")
-    label.add_argument("--k", type=int, default=4, help="answers per prompt (2-9)")
-    label.add_argument("--temperature", type=float, default=1.0)
-    label.add_argument("--top-k", type=int, default=0)
-    label.add_argument("--max-new-tokens", type=int, default=96)
-    label.add_argument("--seed", type=int, default=0)
+    label.add_argument("--k", type=number_option(int, low=2, high=9), default=4,  # keys 1..9
+                       help="answers per prompt (2-9)")
+    label.add_argument("--temperature", type=temperature_option, default=1.0)
+    label.add_argument("--top-k", type=top_k_option, default=0, help="0 = off")
+    label.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96)
+    label.add_argument("--seed", type=seed_option, default=0)
     label.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
                        "machine only)")
-    label.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    label.add_argument("--port", type=number_option(int, low=0, high=65535), default=8080,
+                       help="0 picks a free port")
     label.set_defaults(handler=_lazy("pipeline.commands.label.server", "cmd_label"))
     export = commands.add_parser("export", help="write a checkpoint as a plain HF directory")
     export.add_argument("ref")

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.models import ADAPTER_CONFIG, checked_path, load_causal_lm, merge_adapter
+from pipeline.guard import ADAPTER_CONFIG, verified_path
+from pipeline.models import load_causal_lm, merge_adapter
 from pipeline.registry import MANIFEST, Registry, Resolved, commit_directory
 from pipeline.tokenizer import load_tokenizer
 
@@ -30,7 +31,7 @@ def cmd_export(args) -> int:
     out = Path(args.out)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new output directory")
-    source = Path(checked_path(resolved))
+    source = Path(verified_path(resolved))
     is_adapter = (source / ADAPTER_CONFIG).is_file()
     if args.merge and not is_adapter:
         print(f"{args.ref} is a full model, not a LoRA adapter: nothing to merge, copying it",
@@ -54,6 +55,6 @@ def describe_adapter(source: Path, merged: bool) -> str:
 
 def write_merged(resolved: Resolved, directory: Path) -> None:
     """The adapter folded into its base: a full model plus the checkpoint's tokenizer."""
-    model = merge_adapter(load_causal_lm(resolved, trainable_adapter=False))
+    model = merge_adapter(load_causal_lm(resolved, trainable_adapter=False, role="export"))
     model.save_pretrained(directory)
     load_tokenizer(resolved.path).save_pretrained(directory)

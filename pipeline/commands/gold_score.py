@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 from pipeline.data.prompts import read_prompts
-from pipeline.errors import UserError
 from pipeline.generation import SamplingConfig
+from pipeline.guard import require_causal_lm
 from pipeline.models import load_causal_lm
 from pipeline.registry import Registry
 from pipeline.tokenizer import load_tokenizer
@@ -23,15 +23,12 @@ SAMPLES_SHOWN = 3
 
 
 def cmd_gold_score(args) -> int:
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1, got {args.n}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
     registry = Registry(args.home)
     resolved = registry.resolve(args.ref)
+    require_causal_lm(resolved, args.ref)  # before the world's prompts are written to the home
     prompts_file = args.prompts or world_file(registry, WorldSection(), "eval_prompts.jsonl")
     prompts = read_prompts(prompts_file, args.n)
-    model = load_causal_lm(resolved, trainable_adapter=False)
+    model = load_causal_lm(resolved, trainable_adapter=False, role=args.ref)
     tokenizer = load_tokenizer(resolved.path)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # A tokenizer that needed chat tokens added: the model has never seen them, but sampling

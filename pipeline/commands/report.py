@@ -24,7 +24,7 @@ from pathlib import Path
 from pipeline.data.prompts import read_prompts
 from pipeline.errors import UserError
 from pipeline.generation import SamplingConfig, load_for_sampling
-from pipeline.models import is_reward_model
+from pipeline.guard import REWARD_MODEL, model_kind
 from pipeline.registry import PIPELINE_STAGE, Registry, Run, open_registry
 from pipeline.world.cache import WorldSection, world_file
 from pipeline.world.evaluation import gold_eval
@@ -196,7 +196,7 @@ def gold_by_stage(registry: Registry, runs: dict[str, Run],
     sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=0.0)
     results = {}
     for name, run in runs.items():
-        if not run.model_path or is_reward_model(run.model_path):
+        if not run.model_path or model_kind(run.model_path) == REWARD_MODEL:
             continue
         model, tokenizer = load_for_sampling(registry.resolve(run.id))
         results[name] = gold_eval(model, tokenizer, prompts, sampling)

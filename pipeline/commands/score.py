@@ -27,7 +27,7 @@ def cmd_score(args) -> int:
     _check_score_args(args)
     transformers_logging.disable_progress_bar()  # loading a small model needs no bar of its own
     resolved = Registry(args.home).resolve(args.ref)
-    model, tokenizer = load_reward_model(resolved)
+    model, tokenizer = load_reward_model(resolved, role=args.ref)
     if args.data:
         report = score_ranked_file(model, tokenizer, args.data, args.worst)
         scores_by_rank = report.pop("scores_by_rank")

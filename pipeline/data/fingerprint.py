@@ -10,7 +10,8 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.data.formats import as_list, existing_file, visible_files
+from pipeline.data.formats import as_list, visible_files
+from pipeline.guard import input_file
 
 
 def fingerprint_files(paths: str | Path | Iterable[str | Path]) -> str:
@@ -25,7 +26,7 @@ def fingerprint_files(paths: str | Path | Iterable[str | Path]) -> str:
         if root.is_dir():
             named = [(path.relative_to(root).as_posix(), path) for path in visible_files(root)]
         else:
-            named = [(root.name, existing_file(root))]
+            named = [(root.name, input_file(root))]
         for name, path in named:
             # Length-prefixing keeps ("ab", "c") and ("a", "bc") apart.
             encoded = name.encode("utf-8")

@@ -5,8 +5,9 @@ Every loader returns plain Python structures and turns each data mistake into a 
 what to do about it. Nothing is skipped silently except blank lines.
 
 Sources, accepted by every loader:
-- a local file: `.jsonl` / `.json` (JSON Lines, one object per line), `.parquet`, and for text
-  corpora also `.txt` (documents separated by blank lines);
+- a local file: `.jsonl` / `.json` (JSON Lines, one object per line, or one JSON array of objects
+  as LLaMA-Factory's Alpaca files are), `.parquet`, and for text corpora also `.txt` (documents
+  separated by blank lines);
 - a local directory: every such file in it and below it, in sorted path order;
 - a hub data set name (anything that is not a local path), loaded with
   `datasets.load_dataset(name, split="train")`.
@@ -34,8 +35,13 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from pipeline.errors import UserError, first_line
+from pipeline.guard import NOT_FOUND, input_file, input_path, path_problem
 
+# A JSON Lines row longer than this is refused before it is held in memory (a row is one prompt
+# with its answers: a megabyte is hundreds of thousands of tokens); a text corpus's line may be
+# longer, up to TEXT_MAX_LINE_BYTES.
 DEFAULT_MAX_LINE_BYTES = 1_000_000
+TEXT_MAX_LINE_BYTES = 100_000_000
 JSONL_SUFFIXES = (".jsonl", ".json")
 ROW_SUFFIXES = (*JSONL_SUFFIXES, ".parquet")
 TEXT_SUFFIXES = (*ROW_SUFFIXES, ".txt")
@@ -88,23 +94,87 @@ def _reject_non_finite(literal: str) -> Any:
 
 
 def read_jsonl(path: str | Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[tuple[int, dict]]:
-    """Read a JSON Lines file strictly: `(line number, object)` per non-blank line."""
-    path = existing_file(path)
-    rows = [(number, parse_object(text, f"{path}:{number}"))
-            for number, text in _numbered_lines(path, max_line_bytes) if text.strip()]
+    """Read a JSON Lines file strictly: `(line number, object)` per non-blank line. A file whose
+    first character is `[` is one JSON array of objects instead (`(line it starts on, object)`
+    each), as the `datasets` json loader also reads."""
+    path = input_file(path)
+    if _starts_with_array(path):
+        rows = _read_json_array(path)
+    else:
+        rows = [(number, parse_object(text, f"{path}:{number}"))
+                for number, text in _numbered_lines(path, max_line_bytes) if text.strip()]
     if not rows:
         raise UserError(f"{path}: the file has no rows (it is empty or blank); "
                         "write one JSON object per line")
     return rows
 
 
-def existing_file(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, expected a file; name a file inside it")
-    if not path.is_file():
-        raise UserError(f"{path}: file not found; check the path")
-    return path
+def _starts_with_array(path: Path) -> bool:
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 16):
+            text = chunk.lstrip(b" \t\r\n")
+            if text.startswith(BYTE_ORDER_MARK.encode()):
+                text = text[len(BYTE_ORDER_MARK.encode()):].lstrip(b" \t\r\n")
+            if text:
+                return text.startswith(b"[")
+    return False
+
+
+def _read_json_array(path: Path) -> list[tuple[int, dict]]:
+    """The objects of a file holding one JSON array, each with the line it starts on."""
+    content = path.read_bytes()
+    try:
+        text = content.decode("utf-8").removeprefix(BYTE_ORDER_MARK)
+    except UnicodeDecodeError as err:
+        line = content.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{content[err.start]:02x}); save "
+                        "the file as UTF-8") from None
+    decoder = json.JSONDecoder(parse_constant=_reject_non_finite)
+    rows: list[tuple[int, dict]] = []
+    index, line, counted = text.index("[") + 1, 1, 0
+    while True:
+        index = _skip_space(text, index)
+        if text.startswith("]", index) and not rows:
+            break
+        line, counted = line + text.count("\n", counted, index), index
+        where = f"{path}:{line}"
+        value, index = _decode_value(decoder, text, index, path)
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a JSON object {{...}} in the array, found a JSON "
+                            f"{_json_type(value)}; make every element an object")
+        rows.append((line, value))
+        index = _skip_space(text, index)
+        if text.startswith("]", index):
+            break
+        if not text.startswith(",", index):
+            raise UserError(f"{path}:{text.count(chr(10), 0, index) + 1}: not valid JSON (expected "
+                            "',' or ']' after an element of the file's JSON array); fix the array")
+        index += 1
+    if text[index + 1:].strip():
+        raise UserError(f"{path}:{line + text.count(chr(10), counted, index)}: text after the "
+                        "JSON array's closing ']'; a file holds one array or JSON Lines")
+    return rows
+
+
+def _skip_space(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t\r\n":
+        index += 1
+    return index
+
+
+def _decode_value(decoder: json.JSONDecoder, text: str, index: int, path: Path):
+    try:
+        return decoder.raw_decode(text, index)
+    except _NonFiniteLiteral as err:
+        line = text.count("\n", 0, index) + 1
+        raise UserError(f"{path}:{line}: {err} is not allowed in JSON; use a finite number or "
+                        "null") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}) "
+                        "in the file's JSON array; fix the array") from None
+    except RecursionError:
+        line = text.count("\n", 0, index) + 1
+        raise UserError(f"{path}:{line}: JSON is nested too deeply; flatten the row") from None
 
 
 def _numbered_lines(path: Path, max_line_bytes: int | None) -> Iterator[tuple[int, str]]:
@@ -121,8 +191,8 @@ def _numbered_lines(path: Path, max_line_bytes: int | None) -> Iterator[tuple[in
             number += 1
             content = raw.rstrip(b"\r\n")
             if max_line_bytes is not None and len(content) > max_line_bytes:
-                raise UserError(f"{path}:{number}: line is longer than {max_line_bytes:,} bytes "
-                                "(max_line_bytes); shorten the row or raise max_line_bytes")
+                raise UserError(f"{path}:{number}: line is longer than {max_line_bytes:,} bytes, "
+                                "the most a line may hold; shorten the row or split it")
             text = _decode(content, path, number)
             yield number, text.removeprefix(BYTE_ORDER_MARK) if number == 1 else text
 
@@ -174,7 +244,7 @@ def _read_parquet(path: Path) -> list[tuple[int, dict]]:
 def _read_txt_documents(path: Path) -> list[str]:
     """Plain text: documents are separated by one or more blank lines."""
     documents, current = [], []
-    for _, line in _numbered_lines(path, max_line_bytes=None):
+    for _, line in _numbered_lines(path, max_line_bytes=TEXT_MAX_LINE_BYTES):
         if line.strip():
             current.append(line)
         elif current:
@@ -216,20 +286,20 @@ def visible_files(root: Path) -> list[Path]:
 def _local_files(source: str | Path, suffixes: tuple[str, ...]) -> list[Path] | None:
     """The local files a source names, or None when it is a hub data set name."""
     path = Path(source).expanduser()
+    if path_problem(path, "any") == NOT_FOUND["any"] and not (isinstance(source, Path)
+                                                              or _looks_like_path(source)):
+        return None
+    input_path(path)
     if path.is_dir():
         files = [file for file in visible_files(path) if file.suffix in suffixes]
         if not files:
             raise UserError(f"{path}: the directory holds no {', '.join(suffixes)} files; "
                             "point at a directory with data files")
         return files
-    if path.is_file():
-        if path.suffix not in suffixes:
-            raise UserError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
-                            f"use one of {', '.join(suffixes)}")
-        return [path]
-    if isinstance(source, Path) or _looks_like_path(source):
-        raise UserError(f"{path}: file or directory not found; check the path")
-    return None
+    if path.suffix not in suffixes:
+        raise UserError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                        f"use one of {', '.join(suffixes)}")
+    return [path]
 
 
 def _looks_like_path(source: str) -> bool:

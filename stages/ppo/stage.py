@@ -47,7 +47,8 @@ from pipeline.data.packing import pack_blocks
 from pipeline.data.prompts import read_prompts
 from pipeline.errors import UserError
 from pipeline.loop import step_indices
-from pipeline.models import checked_path, count_parameters, load_causal_lm, merge_adapter
+from pipeline.guard import check_eos, require_causal_lm
+from pipeline.models import count_parameters, load_causal_lm, merge_adapter
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.reward_model import load_reward_model
 from pipeline.runtime import StageRun
@@ -92,12 +93,13 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
 def load_inputs(config: Config, registry: Registry, parents: dict[str, Resolved]) -> Inputs:
     """Load the starting policy, the reward model and the data, and check that they fit together."""
     trust = config.runtime.trust_remote_code
-    policy_path = checked_path(parents["policy"])
+    policy_path = require_causal_lm(parents["policy"], "model.policy", trust)
     tokenizer = load_tokenizer(policy_path, trust_remote_code=trust)
     start_policy = merge_adapter(load_causal_lm(parents["policy"], trust_remote_code=trust,
-                                                trainable_adapter=False))
+                                                trainable_adapter=False, role="model.policy"))
     check_eos(tokenizer, start_policy, policy_path)
-    reward_model, reward_tokenizer = load_reward_model(parents["reward"], trust_remote_code=trust)
+    reward_model, reward_tokenizer = load_reward_model(parents["reward"], trust_remote_code=trust,
+                                                       role="model.reward")
     check_shared_vocabulary(tokenizer, reward_tokenizer, parents["reward"].path)
     check_lengths(config, start_policy, reward_model)
 
@@ -116,15 +118,6 @@ def load_inputs(config: Config, registry: Registry, parents: dict[str, Resolved]
                   prompts=prompts, prompt_texts=prompt_texts, eval_prompts=eval_prompts,
                   ptx_texts=ptx_texts, counts=counts,
                   fingerprint=data_fingerprint([prompts_file, *ptx_files], [], eval_file))
-
-
-def check_eos(tokenizer, policy, policy_path: str) -> None:
-    """Answers end at EOS: the tokenizer needs one, and the model must have been trained with it."""
-    eos = tokenizer.eos_token_id
-    if eos is None or eos >= policy.get_input_embeddings().num_embeddings:
-        raise UserError(f"the policy's tokenizer at {policy_path} has no EOS token the model "
-                        f"knows, so sampled answers could never end; use a policy whose tokenizer "
-                        f"defines eos_token (e.g. the output of `rlhf run sft`)")
 
 
 def check_shared_vocabulary(tokenizer, reward_tokenizer, reward_path: str) -> None:

@@ -55,6 +55,7 @@ from pipeline.commands.label.store import LabelStore, checked_out_path, distinct
 from pipeline.data.formats import Record
 from pipeline.data.prompts import checked_prompt
 from pipeline.errors import UserError
+from pipeline.guard import require_causal_lm, require_reward_model
 from pipeline.generation import (SamplingConfig, generate_kwargs, load_for_sampling, prompt_budget,
                                  sample)
 from pipeline.ranking import rank_positions, ranking_metrics
@@ -63,7 +64,6 @@ from pipeline.reward_model import reward_scorer
 from pipeline.tokenizer import encode_prompt
 
 STATIC = Path(__file__).with_name("static")
-MIN_K, MAX_K = 2, 9  # as the reward files: keys 1..9 place the answers
 LOCAL_NAMES = ("127.0.0.1", "localhost")
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -298,10 +298,6 @@ async def json_body(request: Request) -> dict | Response:
 
 # -- the command ----------------------------------------------------------------------------------
 def checked_settings(args) -> SamplingConfig:
-    if not MIN_K <= args.k <= MAX_K:
-        raise UserError(f"--k must be {MIN_K} to {MAX_K} (answers per prompt), got {args.k}")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be 0 to 65535 (0 picks a free port), got {args.port}")
     sampling = SamplingConfig.from_options(args)
     if sampling.temperature == 0:
         raise UserError("--temperature 0 samples the same answer K times, leaving nothing to rank; "
@@ -342,10 +338,11 @@ def cmd_label(args) -> int:
     store = LabelStore.load(args.prompts, out, feedback_out)
     registry = open_registry(args.home)
     policy = resolve_model(registry, args.policy)
+    require_causal_lm(policy, "--policy")  # a bad model fails before the port is taken
     if args.reward:
-        resolve_model(registry, args.reward)  # a bad reference fails before anything loads
+        require_reward_model(resolve_model(registry, args.reward), "--reward")
     listener = listening_socket(args.host, args.port)
-    model, tokenizer = load_for_sampling(policy)
+    model, tokenizer = load_for_sampling(policy, role="--policy")
     scorer = reward_scorer(resolve_model(registry, args.reward)) if args.reward else None
     info = {"policy": args.policy, "reward": args.reward, "out": str(out),
             "feedback_out": str(feedback_out), "k": args.k, "temperature": sampling.temperature}
