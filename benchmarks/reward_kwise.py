@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402  (after the path set-up, so the project imports from this checkout)
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.models import checked_path  # noqa: E402
 from pipeline.registry import Registry, Resolved  # noqa: E402
 from pipeline.reward_model import (build_reward_model, load_reward_model,  # noqa: E402
                                    reward_tokenizer)
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     registry = Registry(args.home)
-    parent_path = checked_path(registry.resolve(args.model))
+    parent_path = registry.resolve(args.model).verified_path()
     config = load_config(Config, args.config, [
         f"model.source={parent_path}", "train.eval_every=0", "normalize.answers=best_ranked"])
     config.train.batch_size = args.batch_prompts or config.train.batch_size

@@ -25,12 +25,9 @@ import math
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from pipeline.errors import UserError
-
-if TYPE_CHECKING:
-    from pipeline.registry import Resolved
 
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit, and every stage seeds numpy
 MAX_CONFIG_BYTES = 1_000_000  # a config or pipeline YAML; real ones are a few kilobytes
@@ -301,19 +298,6 @@ def check_remote_code(directory: Path, config: dict, trust_remote_code: bool) ->
                         f"that code, or use a model that transformers supports as it is")
 
 
-def verified_path(resolved: Resolved) -> str:
-    """The path of a reference after verifying a registry checkpoint against its manifest (a
-    directory with a manifest is verified too); a plain directory or a hub name passes through."""
-    from pipeline.registry import MANIFEST, require_intact
-
-    path = Path(resolved.path)
-    if resolved.run is not None:
-        require_intact(path.parent if resolved.step is not None else path)
-    elif path.is_dir() and (path / MANIFEST).exists():
-        require_intact(path)
-    return resolved.path
-
-
 _EXPECTED = {CAUSAL_LM: "a causal LM (a policy or base model)", REWARD_MODEL: "a reward model"}
 _ADVICE = {CAUSAL_LM: "pass a model that writes answers, e.g. sft:latest or pretrain:latest",
            REWARD_MODEL: "train one with `rlhf run reward`, or pass a reward checkpoint such as "
@@ -324,12 +308,13 @@ _WHAT = {REWARD_MODEL: "a reward model, which scores answers and cannot write th
          "(a reward model has one)", NO_HEAD: "a bare backbone without a language-model head"}
 
 
-def require_model(resolved: Resolved, kind: str, role: str,
-                  trust_remote_code: bool = False, adapter: bool = True) -> str:
-    """The verified local path of `resolved` when it holds a model of `kind` (CAUSAL_LM, or with
-    `adapter` a LoRA adapter on one; or REWARD_MODEL) that can be loaded safely; else a UserError
-    naming `role` (the config key or option that gave it). A hub name passes unchecked."""
-    path = verified_path(resolved)
+def require_model(resolved, kind: str, role: str, trust_remote_code: bool = False,
+                  adapter: bool = True) -> str:
+    """The verified local path of `resolved` (a `pipeline.registry.Resolved`) when it holds a
+    model of `kind` (CAUSAL_LM, or with `adapter` a LoRA adapter on one; or REWARD_MODEL) that can
+    be loaded safely; else a UserError naming `role` (the config key or option that gave it). A
+    hub name passes unchecked."""
+    path = resolved.verified_path()
     directory = Path(path)
     if not directory.is_dir():
         return path  # a hub name: checked by transformers as it downloads
@@ -349,12 +334,12 @@ def require_model(resolved: Resolved, kind: str, role: str,
     return path
 
 
-def require_causal_lm(resolved: Resolved, role: str, trust_remote_code: bool = False,
+def require_causal_lm(resolved, role: str, trust_remote_code: bool = False,
                       adapter: bool = True) -> str:
     return require_model(resolved, CAUSAL_LM, role, trust_remote_code, adapter)
 
 
-def require_reward_model(resolved: Resolved, role: str, trust_remote_code: bool = False) -> str:
+def require_reward_model(resolved, role: str, trust_remote_code: bool = False) -> str:
     return require_model(resolved, REWARD_MODEL, role, trust_remote_code)
 
 

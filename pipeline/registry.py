@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.guard import output_directory_problem
 
 MANIFEST = "manifest.json"
 PIPELINE_STAGE = "pipeline"  # the runs of `rlhf pipeline run`, whose summary names their stage runs
@@ -115,22 +116,53 @@ class Resolved:
     def is_local(self) -> bool:
         return Path(self.path).is_dir()
 
+    def verified_path(self) -> str:
+        """The path, once a registry checkpoint (or any directory with a manifest) verified
+        against its manifest; a plain directory or a hub name passes through."""
+        path = Path(self.path)
+        if self.run is not None:
+            require_intact(path.parent if self.step is not None else path)
+        elif path.is_dir() and (path / MANIFEST).exists():
+            require_intact(path)
+        return self.path
+
 
 def default_home() -> Path:
     return Path(os.environ.get("RLHF_HOME") or "runs")
 
 
 class Registry:
-    """The registry at `home`. Opening it creates the home and the database when missing."""
+    """The registry at `home`. Opening it creates nothing: the first write (a run, an alias)
+    creates the home and the database, so a command that only reads, or fails before it writes,
+    leaves an empty home empty. `create=False` refuses a home without a database."""
 
     def __init__(self, home: str | Path | None = None, create: bool = True):
         self.home = Path(home) if home is not None else default_home()
         self.db_path = self.home / "registry.db"
-        if create:
-            self._ensure_home()
-        elif not self.db_path.exists():
+        self._connection: sqlite3.Connection | None = None
+        self._blank: sqlite3.Connection | None = None
+        if self.db_path.exists() or self.db_path.is_symlink():
+            self._connection = self._connect()
+        elif not create:
             raise UserError(f"no registry at {self.home}; run a stage first or pass --home DIR")
-        self._db = self._connect()
+        else:
+            problem = output_directory_problem(self.home)
+            if problem:
+                raise UserError(f"registry home {self.home} is not writable ({problem}); pass "
+                                f"--home DIR or set RLHF_HOME to a writable directory")
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """The database; before it exists, an empty one in memory that reads find nothing in."""
+        if self._connection is None and self.db_path.exists():  # another process created it
+            self._connection = self._connect()
+        if self._connection is not None:
+            return self._connection
+        if self._blank is None:
+            self._blank = sqlite3.connect(":memory:", isolation_level=None)
+            self._blank.row_factory = sqlite3.Row
+            self._blank.executescript(SCHEMA)
+        return self._blank
 
     # -- set-up -------------------------------------------------------------------------------
     def _ensure_home(self) -> None:
@@ -167,11 +199,17 @@ class Registry:
         return db
 
     def close(self) -> None:
-        self._db.close()
+        for connection in (self._connection, self._blank):
+            if connection is not None:
+                connection.close()
 
     @contextmanager
     def _write(self):
-        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlock)."""
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade
+        deadlock). The first write creates the home and the database."""
+        if self._connection is None:
+            self._ensure_home()
+            self._connection = self._connect()
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.guard import ADAPTER_CONFIG, verified_path
+from pipeline.guard import ADAPTER_CONFIG
 from pipeline.models import load_causal_lm, merge_adapter
 from pipeline.registry import MANIFEST, Registry, Resolved, commit_directory
 from pipeline.tokenizer import load_tokenizer
@@ -31,7 +31,7 @@ def cmd_export(args) -> int:
     out = Path(args.out)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new output directory")
-    source = Path(verified_path(resolved))
+    source = Path(resolved.verified_path())
     is_adapter = (source / ADAPTER_CONFIG).is_file()
     if args.merge and not is_adapter:
         print(f"{args.ref} is a full model, not a LoRA adapter: nothing to merge, copying it",

@@ -260,7 +260,8 @@ def test_start_replaces_pretraining_and_is_recorded_as_a_run_id(fake, registry, 
     assert pipeline.config["start"] == base.id and pipeline.parent_runs == {"start": base.id}
 
 
-def test_resume_without_anything_unfinished_says_so(registry, capsys):
+def test_resume_without_anything_unfinished_says_so(registry, make_run, capsys):
+    make_run("pretrain")  # completed: nothing to resume
     chain.cmd_resume(SimpleNamespace(home=str(registry.home), run=None))
     assert "nothing to resume" in capsys.readouterr().out
 

@@ -153,8 +153,7 @@ def test_wrong_type_names_field_expected_type_and_value(override, expected):
 
 def test_out_of_range_value_names_the_field_and_the_value():
     message = error_of(None, ["train.max_steps=0"])
-    assert message.startswith("override 'train.max_steps=0': train.max_steps:")
-    assert "greater than or equal to 1" in message and "(got 0)" in message
+    assert message == "override 'train.max_steps=0': train.max_steps must be at least 1, got 0"
 
 
 def test_wrong_type_in_yaml_names_the_file(tmp_path):

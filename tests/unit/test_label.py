@@ -169,17 +169,21 @@ BAD_INPUT = {
     "out holding other rows": ({"out": '{"prompt": "Legs?", "chosen": "Six.", "rejected": "Moo."}'},
                                r"labels.jsonl:1: no 'responses' field"),
     "feedback into out": ({"--feedback-out": "{tmp}/labels.jsonl"}, "must differ from --out"),
-    "k too small": ({"--k": "1"}, "--k must be 2 to 9"),
-    "k too large": ({"--k": "10"}, "--k must be 2 to 9"),
+    "k too small": ({"--k": "1"}, "argument --k: must be at least 2, got 1"),
+    "k too large": ({"--k": "10"}, "argument --k: must be at most 9, got 10"),
     "greedy": ({"--temperature": "0"}, "nothing to rank"),
-    "negative temperature": ({"--temperature": "-1"}, "--temperature must be 0"),
-    "port out of range": ({"--port": "70000"}, "--port must be 0 to 65535"),
+    "negative temperature": ({"--temperature": "-1"}, "argument --temperature: must be at least 0"),
+    "NaN temperature": ({"--temperature": "nan"}, "argument --temperature: must be a finite"),
+    "port out of range": ({"--port": "70000"}, "argument --port: must be at most 65535"),
     "unknown policy": ({"--policy": "sft:latest"}, "no registry to look it up in"),
 }
 
 
 def prepare(tmp_path: Path, files: dict) -> None:
-    (tmp_path / "policy").mkdir()  # any directory passes for a model until it is loaded
+    # What the guard reads of a model (its config and that weights are there) without loading it.
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (tmp_path / "policy" / "pytorch_model.bin").write_bytes(b"")
     (tmp_path / "prompts.jsonl").write_text(files.get("prompts", '{"prompt": "Legs?"}') + "\n")
     if "out" in files:
         (tmp_path / "labels.jsonl").write_text(files["out"] + "\n")
@@ -194,7 +198,10 @@ def run_label(tmp_path: Path, capsys, options: dict) -> tuple[int, str]:
     for name, value in arguments.items():
         argv += [name, value.format(tmp=tmp_path)]
     capsys.readouterr()
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
     return code, capsys.readouterr().err
 
 
