@@ -13,6 +13,7 @@ import torch
 
 from pipeline.data.packing import left_pad
 from pipeline.errors import UserError
+from pipeline.guard import check_eos
 from pipeline.models import load_causal_lm
 from pipeline.registry import Resolved
 from pipeline.tokenizer import encode_prompt, load_tokenizer
@@ -77,6 +78,7 @@ def load_for_sampling(resolved: Resolved, role: str = "the policy"):
     disable_progress_bar()  # a bar per weight load would interleave with the conversation
     model = load_causal_lm(resolved, trainable_adapter=False, role=role)
     tokenizer = load_tokenizer(resolved.path)
+    check_eos(tokenizer, model, resolved.path)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # The tokenizer needed chat tokens the model never saw; sampling must not index past them.
         model.resize_token_embeddings(len(tokenizer))

@@ -305,7 +305,8 @@ _ADVICE = {CAUSAL_LM: "pass a model that writes answers, e.g. sft:latest or pret
 _WHAT = {REWARD_MODEL: "a reward model, which scores answers and cannot write them",
          CAUSAL_LM: "a causal LM, which writes answers and has no score head",
          ADAPTER: "a LoRA adapter", CLASSIFIER: "a sequence classifier with several labels "
-         "(a reward model has one)", NO_HEAD: "a bare backbone without a language-model head"}
+         "(a reward model has one)", NO_HEAD: "a model without a causal language-model head (see "
+         "the architectures in its config.json)"}
 
 
 def require_model(resolved, kind: str, role: str, trust_remote_code: bool = False,
@@ -318,10 +319,12 @@ def require_model(resolved, kind: str, role: str, trust_remote_code: bool = Fals
     directory = Path(path)
     if not directory.is_dir():
         return path  # a hub name: checked by transformers as it downloads
+    # "model.policy: /runs/x/model is ..." — but not "/runs/x/model: /runs/x/model is ...".
+    named = "" if Path(role).expanduser().resolve() == directory.resolve() else f"{role}: "
     found = model_kind(directory)
     allowed = {kind, UNKNOWN} | ({ADAPTER} if adapter and kind == CAUSAL_LM else set())
     if found not in allowed:
-        raise UserError(f"{role}: {path} is not {_EXPECTED[kind]}: it is "
+        raise UserError(f"{named}{path} is not {_EXPECTED[kind]}: it is "
                         f"{_WHAT.get(found, found)}; {_ADVICE[kind]}")
     if found == ADAPTER:
         return path  # its base model is checked when the adapter loads it
@@ -330,7 +333,7 @@ def require_model(resolved, kind: str, role: str, trust_remote_code: bool = Fals
     check_remote_code(directory, config, trust_remote_code)
     problem = weights_problem(directory)
     if problem:
-        raise UserError(f"{role}: {problem}")
+        raise UserError(f"{named}{problem}")
     return path
 
 

@@ -56,8 +56,11 @@ def loading_errors(what: str, path: str):
 
     try:
         yield
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError,
-            pickle.UnpicklingError) as err:
+    except pickle.UnpicklingError:  # torch's weights_only refusal: the pickle holds more
+        raise UserError(f"cannot load {what} from {path}: its pickled weights hold more than "
+                        f"tensors, and pickles can run code, so they are refused; convert the "
+                        f"weights to safetensors") from None
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise UserError(f"cannot load {what} from {path}: {first_line(err)}") from None
 
 

@@ -20,6 +20,7 @@ from typing import Iterator
 from pipeline.errors import UserError
 from pipeline.generation import (Conversation, SamplingConfig, load_for_sampling, prompt_budget,
                                  sample)
+from pipeline.guard import require_reward_model
 from pipeline.registry import open_registry, resolve_model
 from pipeline.reward_model import reward_scorer
 
@@ -45,8 +46,11 @@ def user_lines(interactive: bool) -> Iterator[str]:
 def cmd_chat(args) -> int:
     sampling = SamplingConfig.from_options(args)
     registry = open_registry(args.home)
+    reward = resolve_model(registry, args.reward) if args.reward else None
+    if reward is not None:
+        require_reward_model(reward, "--reward")  # said before the policy takes time to load
     model, tokenizer = load_for_sampling(resolve_model(registry, args.ref), role=args.ref)
-    scorer = reward_scorer(resolve_model(registry, args.reward)) if args.reward else None
+    scorer = reward_scorer(reward) if reward is not None else None
     conversation = Conversation(model, tokenizer, sampling)
     interactive = sys.stdin.isatty()
     if interactive:

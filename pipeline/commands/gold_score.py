@@ -12,7 +12,7 @@ import json
 
 from pipeline.data.prompts import read_prompts
 from pipeline.generation import SamplingConfig
-from pipeline.guard import require_causal_lm
+from pipeline.guard import check_eos, require_causal_lm
 from pipeline.models import load_causal_lm
 from pipeline.registry import Registry
 from pipeline.tokenizer import load_tokenizer
@@ -30,6 +30,7 @@ def cmd_gold_score(args) -> int:
     prompts = read_prompts(prompts_file, args.n)
     model = load_causal_lm(resolved, trainable_adapter=False, role=args.ref)
     tokenizer = load_tokenizer(resolved.path)
+    check_eos(tokenizer, model, resolved.path)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # A tokenizer that needed chat tokens added: the model has never seen them, but sampling
         # must not index past its embedding.
