@@ -27,7 +27,7 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit, and every stage seeds numpy
 MAX_CONFIG_BYTES = 1_000_000  # a config or pipeline YAML; real ones are a few kilobytes
@@ -187,7 +187,6 @@ CAUSAL_LM, REWARD_MODEL, ADAPTER = "causal LM", "reward model", "LoRA adapter"
 CLASSIFIER, NO_HEAD, UNKNOWN = "classifier", "model without a head", "unknown"
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a directory as a peft (LoRA) adapter
 REWARD_MARKER = "reward_model.json"     # what the reward stage adds to a published reward model
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def read_model_config(directory: Path) -> dict:
@@ -234,17 +233,47 @@ def weights_problem(directory: Path) -> str | None:
 
     Safetensors files are checked without loading them: the header must be JSON and the file as
     long as the header says (a truncated copy, or a pickle renamed to .safetensors, fails here).
-    Pickled `pytorch_model.bin` weights are loaded only with torch's weights_only=True, which
-    refuses anything but tensors; the loader reports that refusal.
+    Without safetensors, pickled `pytorch_model*.bin` weights are opened with torch's
+    weights_only=True (memory-mapped, so nothing large is read), which refuses anything but
+    tensors; transformers loads them the same way.
     """
     shards = sorted(directory.glob("*.safetensors"))
     for shard in shards:
         problem = safetensors_problem(shard)
         if problem:
             return f"{shard} {problem}"
-    if shards or any((directory / name).is_file() for name in PICKLE_WEIGHTS):
-        return None
-    return f"{directory} holds no weights (no *.safetensors or pytorch_model.bin)"
+    pickles = sorted(directory.glob("pytorch_model*.bin"))
+    if not shards and not pickles:
+        return f"{directory} holds no weights (no *.safetensors or pytorch_model.bin)"
+    for path in [] if shards else pickles:
+        problem = pickle_problem(path)
+        if problem:
+            return f"{path} {problem}"
+    return None
+
+
+def pickle_problem(path: Path) -> str | None:
+    """Why torch refuses to open pickled weights with weights_only=True, or None."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch's notes on the pickle protocol: not the user's
+            warnings.simplefilter("ignore")
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:  # the old (not zip) format cannot be memory-mapped
+                if "mmap" not in str(err):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return ("holds more than tensors, and pickles can run code, so it is refused; convert the "
+                "weights to safetensors")
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        return f"cannot be read as weights ({first_line(err)}); copy or download it again"
+    return None
 
 
 def safetensors_problem(path: Path) -> str | None:

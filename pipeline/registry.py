@@ -210,13 +210,23 @@ class Registry:
         if self._connection is None:
             self._ensure_home()
             self._connection = self._connect()
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:  # a read-only file or disk, a full disk
+            raise self._unwritable(err) from None
         try:
             yield self._db
+        except sqlite3.OperationalError as err:
+            self._db.execute("ROLLBACK")
+            raise self._unwritable(err) from None
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def _unwritable(self, err: sqlite3.OperationalError) -> UserError:
+        return UserError(f"cannot write the registry {self.db_path}: {err}; free space on that "
+                         f"disk or make it writable, then run the same command again")
 
     def run_dir(self, run_id: str) -> Path:
         check_name(run_id, "run id")
