@@ -49,7 +49,7 @@ def path_problem(path: Path, want: str = "file") -> str | None:
     if stat.S_ISDIR(mode):
         if want == "file":
             return "is a directory, expected a file"
-        if not os.access(path, os.R_OK | os.X_OK):
+        if not _may(path, os.R_OK | os.X_OK):
             return "cannot be read (permission denied)"
         return None
     if stat.S_ISFIFO(mode):
@@ -60,19 +60,26 @@ def path_problem(path: Path, want: str = "file") -> str | None:
         return "is a socket, not a regular file"
     if want == "directory":
         return "is a file, expected a directory"
-    if not os.access(path, os.R_OK):
+    if not _may(path, os.R_OK):
         return "cannot be read (permission denied)"
     return None
 
 
+def _may(path: Path, mode: int) -> bool:
+    """Whether this process may access `path` in `mode`, as the user it acts as (its effective
+    ids, where the system can tell)."""
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
 NOT_FOUND = {"file": "file not found", "directory": "directory not found",
              "any": "file or directory not found"}
+NOT_FOUND_IN_FILE = "not found (a part of the path is a file)"
 
 
 def _stat_problem(err: OSError) -> str:
     return {errno.ELOOP: "is a symbolic link loop",
             errno.ENAMETOOLONG: "is a name too long for the file system",
-            errno.ENOTDIR: "not found (a part of the path is a file)",
+            errno.ENOTDIR: NOT_FOUND_IN_FILE,
             errno.EACCES: "cannot be reached (permission denied)"}.get(
         err.errno, f"cannot be read ({err.strerror or err})")
 
@@ -104,13 +111,14 @@ def input_path(path: str | Path, what: str = "") -> Path:
 def output_directory_problem(directory: Path) -> str | None:
     """Why files cannot be created in `directory` (or in the nearest existing folder above it,
     where a missing one would be created), or None. Nothing is created."""
+    directory = Path(directory).expanduser()
     probe = directory
     while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
         probe = probe.parent
     problem = path_problem(probe, "directory")
     if problem:
         return f"{probe} {problem}"
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not _may(probe, os.W_OK | os.X_OK):
         return f"{probe} is not writable"
     return None
 

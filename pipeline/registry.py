@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.guard import output_directory_problem
+from pipeline.guard import NOT_FOUND, NOT_FOUND_IN_FILE, output_directory_problem, path_problem
 
 MANIFEST = "manifest.json"
 PIPELINE_STAGE = "pipeline"  # the runs of `rlhf pipeline run`, whose summary names their stage runs
@@ -141,8 +141,9 @@ class Registry:
         self.db_path = self.home / "registry.db"
         self._connection: sqlite3.Connection | None = None
         self._blank: sqlite3.Connection | None = None
-        if self.db_path.exists() or self.db_path.is_symlink():
-            self._connection = self._connect()
+        problem = path_problem(self.db_path, "file")
+        if problem not in (NOT_FOUND["file"], NOT_FOUND_IN_FILE):
+            self._connection = self._connect()  # which says what is wrong with a bad one
         elif not create:
             raise UserError(f"no registry at {self.home}; run a stage first or pass --home DIR")
         else:
@@ -176,6 +177,12 @@ class Registry:
                             f"pass --home DIR or set RLHF_HOME to a writable directory")
 
     def _connect(self) -> sqlite3.Connection:
+        problem = path_problem(self.db_path, "file")
+        if problem and problem != NOT_FOUND["file"]:  # a new registry's file does not exist yet
+            raise UserError(f"{self.db_path} cannot be used as a registry (it {problem}); pass "
+                            f"--home DIR for another registry")
+        if output_directory_problem(self.home) and problem is None:
+            return self._connect_read_only()
         db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
@@ -194,8 +201,24 @@ class Registry:
                 db.executescript(SCHEMA)
         except sqlite3.DatabaseError as err:
             db.close()
+            if output_directory_problem(self.home):  # SQLite needs to write beside the file
+                raise self._unwritable(err) from None
             raise UserError(f"{self.db_path} cannot be used as a registry ({err}); restore it "
                             f"from a backup or pass --home DIR for another registry") from None
+        return db
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A registry in a home this process cannot write: readable, and every write is refused
+        (`_write` says so in one line). Reading a WAL database needs its shared-memory file
+        beside it, which cannot be created here, so the file is read as immutable: a snapshot,
+        as no process of this user can change it."""
+        try:
+            db = sqlite3.connect(f"{self.db_path.resolve().as_uri()}?mode=ro&immutable=1", uri=True,
+                                 timeout=60, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA schema_version")
+        except sqlite3.DatabaseError as err:
+            raise self._unwritable(err) from None
         return db
 
     def close(self) -> None:
@@ -416,11 +439,17 @@ class Registry:
                 raise UserError(f"run {run.id} has no published model (status {run.status}); "
                                 f"resume it with `rlhf resume {run.id}` or use REF@step")
             return Resolved(run.model_path, run)
-        if Path(ref).exists():
-            if not Path(ref).is_dir():
-                raise UserError(f"'{ref}' is a file; a model reference must be a directory, a run id, "
-                                f"STAGE:latest or an alias")
+        problem = path_problem(Path(ref), "directory")
+        if problem is None:
             return Resolved(str(Path(ref).resolve()))
+        if problem.startswith("is a file"):
+            raise UserError(f"'{ref}' is a file; a model reference must be a directory, a run id, "
+                            f"STAGE:latest or an alias")
+        if problem != NOT_FOUND["directory"] and not problem.startswith("is a name too long"):
+            raise UserError(f"'{ref}' {problem}; a model reference must be a directory, a run "
+                            f"id, STAGE:latest or an alias")
+        if ref == ":latest":
+            raise UserError("':latest' names no stage; write STAGE:latest, e.g. sft:latest")
         if ref.endswith(":latest"):
             raise UserError(f"no completed {ref.split(':')[0]} run in the registry at {self.home}; "
                             f"run `rlhf run {ref.split(':')[0]}` first or pass a path")
@@ -432,6 +461,8 @@ class Registry:
     def lookup(self, ref: str) -> Run | None:
         if ref.endswith(":latest"):
             stage = ref[: -len(":latest")]
+            if not stage:
+                return None
             done = [r for r in self.runs(stage) if r.status == "completed"]
             return done[-1] if done else None
         if not _NAME_RE.match(ref):
@@ -497,7 +528,8 @@ class Registry:
 def open_registry(home: str | Path | None) -> Registry | None:
     """The registry at `home` if one exists there (reading a plain directory needs none)."""
     path = Path(home) if home else default_home()
-    return Registry(path, create=False) if (path / "registry.db").exists() else None
+    missing = path_problem(path / "registry.db", "file") in (NOT_FOUND["file"], NOT_FOUND_IN_FILE)
+    return None if missing else Registry(path, create=False)
 
 
 def resolve_model(registry: Registry | None, ref: str) -> Resolved:
@@ -505,7 +537,7 @@ def resolve_model(registry: Registry | None, ref: str) -> Resolved:
     a hub name can mean a model."""
     if registry is not None:
         return registry.resolve(ref)
-    if Path(ref).is_dir():
+    if path_problem(Path(ref), "directory") is None:
         return Resolved(str(Path(ref).resolve()))
     if "/" in ref and not ref.startswith((".", "/")) and not Path(ref).exists():
         return Resolved(ref)

@@ -373,7 +373,11 @@ def _add_checkpoint_tools(commands) -> None:
 def _cmd_data_world(args) -> int:
     from pathlib import Path
 
+    from pipeline.guard import output_directory_problem
     from pipeline.world.farm import write_world
+    problem = output_directory_problem(Path(args.out))
+    if problem:
+        raise UserError(f"--out {args.out}: cannot write there ({problem}); choose a directory")
     files = write_world(Path(args.out), seed=args.seed, size=args.size, k=args.k)
     for name, path in sorted(files.items()):
         print(f"{name}: {path}")
