@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-learning install browser clean
+.PHONY: demo test test-learning fuzz install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ test: $(STAMP) browser
 # What the tiny recipe learns, judged by the gold scorer (trains it as `make demo` does: minutes).
 test-learning: $(STAMP)
 	OMP_NUM_THREADS=2 RLHF_NO_PROGRESS=1 $(BIN)/python -m pytest -q -x -m learning tests
+
+# The fuzz tests with a hundred times `make test`'s budget and a fresh random seed (minutes); a
+# failure prints the input and the seed that reproduce it.
+fuzz: $(STAMP)
+	OMP_NUM_THREADS=2 RLHF_NO_PROGRESS=1 $(BIN)/python -m pytest -q -m fuzz tests/fuzz \
+		--hypothesis-profile=long --hypothesis-show-statistics
 
 clean:
 	rm -rf $(VENV) runs

@@ -161,8 +161,13 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str):
-    """YAML text as Python values, by `UniqueKeyLoader`."""
-    return yaml.load(text, Loader=UniqueKeyLoader)
+    """YAML text as Python values, by `UniqueKeyLoader`. A scalar that PyYAML recognizes but
+    cannot build (the date 2001-13-45) is a YAML error like any other."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except (ValueError, OverflowError, RecursionError) as err:
+        raise yaml.constructor.ConstructorError(None, None, f"cannot read a value ({err})",
+                                                None) from None
 
 
 def read_yaml(path: str | Path) -> dict:

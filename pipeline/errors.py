@@ -11,7 +11,11 @@ from typing import Callable
 
 
 class UserError(Exception):
-    """A problem with the user's input. `str(err)` is the whole message, one line."""
+    """A problem with the user's input. `str(err)` is the whole message, one line: line breaks
+    in it (a quoted key, path or value of the user's may hold some) are written as \\n."""
+
+    def __init__(self, message: str):
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def first_line(err: Exception) -> str:

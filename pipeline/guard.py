@@ -46,6 +46,8 @@ def path_problem(path: Path, want: str = "file") -> str | None:
         return "is a symbolic link to a missing target" if path.is_symlink() else NOT_FOUND[want]
     except OSError as err:
         return _stat_problem(err)
+    except ValueError:  # a NUL byte, which no file name can hold
+        return "is not a valid path (it holds a NUL byte)"
     if stat.S_ISDIR(mode):
         if want == "file":
             return "is a directory, expected a file"

@@ -172,6 +172,9 @@ def _decode_value(decoder: json.JSONDecoder, text: str, index: int, path: Path):
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}) "
                         "in the file's JSON array; fix the array") from None
+    except ValueError as err:  # a number of more than 4300 digits
+        line = text.count("\n", 0, index) + 1
+        raise UserError(f"{path}:{line}: {err}; fix the row") from None
     except RecursionError:
         line = text.count("\n", 0, index) + 1
         raise UserError(f"{path}:{line}: JSON is nested too deeply; flatten the row") from None
@@ -213,6 +216,8 @@ def parse_object(text: str, where: str) -> dict:
     except json.JSONDecodeError as err:
         raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); "
                         "write one JSON object per line") from None
+    except ValueError as err:  # a number of more than 4300 digits
+        raise UserError(f"{where}: {err}; fix the row") from None
     except RecursionError:
         raise UserError(f"{where}: JSON is nested too deeply; flatten the row") from None
     if not isinstance(value, dict):
@@ -409,7 +414,7 @@ def chat_turns(value: Any, record: Record, what: str, role_key: str = "role",
             raise UserError(f"{record.where}: {what}[{index}] must be an object with "
                             f"'{role_key}' and '{content_key}'; fix the row")
         role = turn[role_key]
-        if role not in role_names:
+        if not isinstance(role, str) or role not in role_names:
             raise UserError(f"{record.where}: unknown role {role!r} in {what}[{index}]; "
                             f"valid roles: {', '.join(role_names)}")
         content = _string(turn[content_key], record, f"{what}[{index}].{content_key}")
