@@ -359,7 +359,11 @@ def _add_checkpoint_tools(commands) -> None:
     label.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96)
     label.add_argument("--seed", type=seed_option, default=0)
     label.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
-                       "machine only)")
+                       "machine only); any other serves a team: the page needs the secret token "
+                       "of the link printed at start, and every row names its labeler")
+    label.add_argument("--rankings-per-prompt", type=number_option(int, low=1, high=100),
+                       default=1, help="labelers who rank each prompt (2 or more measures the "
+                       "agreement between labelers)")
     label.add_argument("--port", type=number_option(int, low=0, high=65535), default=8080,
                        help="0 picks a free port")
     label.set_defaults(handler=_lazy("pipeline.commands.label.server", "cmd_label"))

@@ -12,11 +12,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.data.formats import load_ranked_rows
 from pipeline.errors import UserError
 from pipeline.commands.label.store import (JsonlLog, LabelStore, distinct_answers, feedback_rows,
-                                           pending_indices, prompt_key, ranking_row)
+                                           labeler_agreement, pending_indices, prompt_key,
+                                           ranking_row)
 
 ANSWERS = ["Six legs.", "Moo.", "Three chickens have six legs in total.", "6."]
 MESSAGES = [{"role": "user", "content": "How many legs do three chickens have?"}]
@@ -112,12 +114,56 @@ def test_a_reopened_session_resumes_after_the_decisions_made(tmp_path):
     store.close()
 
     reopened = LabelStore.load(*files)
-    assert reopened.pending == [2]  # the second "A" still needs its own ranking
+    assert reopened.pending() == [2]  # the second "A" still needs its own ranking
     assert reopened.counts() == {"total": 4, "remaining": 1, "ranked": 1, "skipped": 1,
                                  "flagged": 1, "chat_pairs": 0}
     assert reopened.progress.rows == [{"action": "flagged", "prompt": MESSAGES, "note": "rude"},
                                       {"action": "skipped", "prompt": "B"}]
     assert load_ranked_rows(files[1])[0]["ranks"] == [1, 0, 1, 2]
+
+
+def test_a_team_ranks_each_prompt_as_often_as_asked_and_signs_its_rows(tmp_path):
+    files = make_files(tmp_path, ["A", "B"])
+    store = LabelStore.load(*files, per_prompt=2)
+    store.open()
+    assert store.pending("ann") == store.pending("bob") == [0, 1]
+    store.record_ranking(0, ANSWERS, [[0], [1], [2], [3]], "ann")
+    assert store.pending("ann") == [1] and store.pending("bob") == [0, 1]
+    with pytest.raises(UserError, match="not waiting for a decision"):
+        store.record_ranking(0, ANSWERS, [[0], [1], [2], [3]], "ann")
+    store.record_ranking(0, ANSWERS, [[3], [2], [1], [0]], "bob")
+    assert store.pending("cy") == [1]  # "A" has its two rankings: nobody else is asked
+    store.set_aside(1, "skipped", labeler="ann")
+    store.save_feedback(MESSAGES, "Six.", ["Moo."], labeler="bob")
+    store.close()
+
+    reopened = LabelStore.load(*files, per_prompt=2)
+    assert reopened.pending("ann") == [] and reopened.pending("bob") == [1]
+    assert [row["labeler"] for row in reopened.out.rows] == ["ann", "bob"]
+    assert reopened.progress.rows == [{"action": "skipped", "prompt": "B", "labeler": "ann"}]
+    assert reopened.feedback.rows[0]["labeler"] == "bob"
+    assert len(load_ranked_rows(files[1])) == 2  # the reward stage reads signed rows as they are
+
+
+def test_agreement_between_labelers_over_the_pairs_both_ordered():
+    rows = [
+        # "P": ann a > b > c; bob, listing the answers in another order, a > c > b.
+        {"prompt": "P", "responses": ["a", "b", "c"], "ranking": [0, 1, 2], "labeler": "ann"},
+        {"prompt": "P", "responses": ["c", "b", "a"], "ranking": [2, 0, 1], "labeler": "bob"},
+        # "Q": ann ties the two answers, so no pair is ordered by both.
+        {"prompt": "Q", "responses": ["x", "y"], "ranking": [[0, 1]], "labeler": "ann"},
+        {"prompt": "Q", "responses": ["x", "y"], "ranking": [1, 0], "labeler": "bob"},
+        # Ranked by one labeler, or by nobody named: nothing to compare.
+        {"prompt": "R", "responses": ["x", "y"], "ranking": [0, 1], "labeler": "ann"},
+        {"prompt": "P", "responses": ["a", "b", "c"], "ranking": [2, 1, 0]},
+    ]
+    # On "P" the pairs (a, b) and (a, c) agree, (b, c) does not: 2 of 3.
+    assert labeler_agreement(rows) == {
+        "prompts": 2, "pairs": 3, "agreement": pytest.approx(2 / 3),
+        "by_labelers": {"ann + bob": {"pairs": 3, "agreement": pytest.approx(2 / 3)}}}
+    assert labeler_agreement(rows[2:]) == {"prompts": 1, "pairs": 0, "agreement": None,
+                                           "by_labelers": {"ann + bob": {"pairs": 0,
+                                                                         "agreement": None}}}
 
 
 def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
@@ -180,10 +226,12 @@ BAD_INPUT = {
 
 
 def prepare(tmp_path: Path, files: dict) -> None:
-    # What the guard reads of a model (its config and that weights are there) without loading it.
+    # What the guard reads of a model (its config, its weights' header) without loading it.
+    from safetensors.torch import save_file
+
     (tmp_path / "policy").mkdir()
     (tmp_path / "policy" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    (tmp_path / "policy" / "pytorch_model.bin").write_bytes(b"")
+    save_file({"weight": torch.zeros(1)}, str(tmp_path / "policy" / "model.safetensors"))
     (tmp_path / "prompts.jsonl").write_text(files.get("prompts", '{"prompt": "Legs?"}') + "\n")
     if "out" in files:
         (tmp_path / "labels.jsonl").write_text(files["out"] + "\n")

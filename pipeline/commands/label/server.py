@@ -25,16 +25,25 @@ OUT's name with .chat.jsonl), a file `rlhf run reward` also reads (name it in da
 to OUT, not as a directory of both: one directory holds one format).
 
 Nothing leaves the machine: the page loads no outside resource (its Content-Security-Policy
-forbids it), the server listens on 127.0.0.1 unless --host says otherwise and then answers only
-requests addressed to localhost, and writes need a JSON body, which another site's page cannot
-send without asking first. All text reaches the page as JSON and is shown with `textContent`, so a
+forbids it), the server listens on 127.0.0.1 unless --host says otherwise, answers only requests
+addressed to localhost, and writes need a JSON body, which another site's page cannot send without
+asking first.
+
+Served to a team (any other --host, e.g. 0.0.0.0): the server makes a secret token, prints it once
+in the link it serves (as notebook servers do), and answers nothing without it (`TokenGate`:
+constant-time comparison; never logged). The page asks each labeler's name and every row they
+write carries it; a prompt goes to `--rankings-per-prompt` labelers, and /api/stats (shown on the
+page) reports how often labelers order two answers alike on the prompts several of them ranked. All text reaches the page as JSON and is shown with `textContent`, so a
 prompt or answer containing HTML shows as text. Each ranking's server-side time (check, append,
 fsync) is logged and reported at /api/stats.
 """
 
 from __future__ import annotations
 
+import hmac
 import math
+import re
+import secrets
 import socket
 import sys
 import threading
@@ -44,6 +53,7 @@ from typing import Callable, Iterator
 import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -51,7 +61,8 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pipeline.commands.label.store import LabelStore, checked_out_path, distinct_answers
+from pipeline.commands.label.store import (LabelStore, checked_out_path, distinct_answers,
+                                           labeler_agreement)
 from pipeline.data.formats import Record
 from pipeline.data.prompts import checked_prompt
 from pipeline.errors import UserError
@@ -164,23 +175,41 @@ def summary_of(metrics: dict) -> dict:
             "prompts": metrics["n_prompts"]}
 
 
-class Labeling:
-    """What the endpoints do, in plain functions of the request body (run in worker threads)."""
+LABELER_NAME = re.compile(r"[\w .'-]{1,40}")
 
-    def __init__(self, store: LabelStore, models: Models, k: int, info: dict):
+
+class Labeling:
+    """What the endpoints do, in plain functions of the request body (run in worker threads).
+
+    For a team (`team=True`) every request names its labeler, who gets the prompts they have still
+    to decide and whose name goes into every row they write."""
+
+    def __init__(self, store: LabelStore, models: Models, k: int, info: dict, team: bool = False):
         self.store, self.models, self.k, self.info = store, models, k, info
+        self.team = team
         self.agreement = Agreement() if models.scorer else None
         self.lock = threading.Lock()  # one decision at a time: the pending list and the files
+
+    def labeler(self, body: dict) -> str | None:
+        """The labeler a team member's request names (None on a page for this machine alone)."""
+        if not self.team:
+            return None
+        name = body.get("labeler")
+        if not isinstance(name, str) or not LABELER_NAME.fullmatch(name.strip()):
+            raise UserError("say who you are: a labeler name of 1 to 40 letters, digits, spaces "
+                            "or . ' -")
+        return name.strip()
 
     def score_earlier_rows(self) -> None:
         """Count the rankings already in OUT into the agreement shown on the page."""
         for row in self.store.out.rows:
             self.agreement.add(self.models.scores(row["prompt"], row["responses"]), row["ranking"])
 
-    def next_item(self, _body: dict) -> dict:
+    def next_item(self, body: dict) -> dict:
+        labeler = self.labeler(body)
         with self.lock:
-            index = self.store.current()
-            counts = self.store.counts()
+            index = self.store.current(labeler)
+            counts = self.store.counts(labeler)
         if index is None:
             return {"done": True, "counts": counts}
         prompt = self.store.prompts[index]
@@ -192,14 +221,14 @@ class Labeling:
         return item
 
     def rank(self, body: dict) -> dict:
-        index = body.get("index")
+        index, labeler = body.get("index"), self.labeler(body)
         with self.lock:
-            answers = self.models.answers_of.get(self.store.check_pending(index))
+            answers = self.models.answers_of.get(self.store.check_pending(index, labeler))
             if answers is None:
                 raise UserError(f"prompt {index} has not been shown; reload the page")
-            row = self.store.record_ranking(index, answers, body.get("ranking"))
+            row = self.store.record_ranking(index, answers, body.get("ranking"), labeler)
             elapsed = self.store.record_ms[-1]
-            counts = self.store.counts()
+            counts = self.store.counts(labeler)
         print(f"label: ranked prompt {index + 1} of {counts['total']} "
               f"(recorded in {elapsed:.2f} ms)", file=sys.stderr, flush=True)
         result = {"recorded": True, "record_ms": elapsed, "counts": counts}
@@ -213,26 +242,66 @@ class Labeling:
         action, note = body.get("action"), body.get("note") or ""
         if not isinstance(note, str):
             raise UserError("the note must be text")
+        labeler = self.labeler(body)
         with self.lock:
-            self.store.set_aside(body.get("index"), action, note)
-            return {"recorded": True, "counts": self.store.counts()}
+            self.store.set_aside(body.get("index"), action, note, labeler)
+            return {"recorded": True, "counts": self.store.counts(labeler)}
 
     def feedback(self, body: dict) -> dict:
+        labeler = self.labeler(body)
         with self.lock:
             saved = self.store.save_feedback(body.get("messages"), body.get("chosen"),
-                                             body.get("rejected"))
-            return {"saved": saved, "counts": self.store.counts()}
+                                             body.get("rejected"), labeler)
+            return {"saved": saved, "counts": self.store.counts(labeler)}
 
-    def stats(self, _body: dict) -> dict:
+    def stats(self, body: dict) -> dict:
+        labeler = self.labeler(body) if self.team and body.get("labeler") else None
         with self.lock:
-            result = {**self.info, "counts": self.store.counts(), "record_ms": self.store.timing()}
+            result = {**self.info, "team": self.team, "counts": self.store.counts(labeler),
+                      "record_ms": self.store.timing()}
             if self.agreement is not None:
                 result["agreement"] = self.agreement.overall()
+            if self.team:
+                result["labelers"] = labeler_agreement(self.store.out.rows)
             return result
 
 
 # -- the web app ----------------------------------------------------------------------------------
-def build_app(labeling: Labeling, local_only: bool = True) -> Starlette:
+class TokenGate:
+    """ASGI middleware of a page served beyond this machine: only requests carrying the server's
+    secret token get through, as `?token=` in the link (which also sets a cookie, so the page's
+    own requests carry it), the cookie, or an `X-Label-Token` header. Compared in constant time,
+    and never logged (uvicorn's access log is off)."""
+
+    def __init__(self, app, token: str, cookie: str):
+        self.app, self.token, self.cookie = app, token.encode(), cookie
+
+    def matches(self, given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given.encode(), self.token)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        if self.matches(request.query_params.get("token")):
+            cookie = (f"{self.cookie}={self.token.decode()}; HttpOnly; SameSite=Strict; "
+                      f"Path=/")
+
+            async def send_with_cookie(message):
+                if message["type"] == "http.response.start":
+                    MutableHeaders(scope=message).append("set-cookie", cookie)
+                await send(message)
+            return await self.app(scope, receive, send_with_cookie)
+        if self.matches(request.headers.get("x-label-token")) or \
+                self.matches(request.cookies.get(self.cookie)):
+            return await self.app(scope, receive, send)
+        refusal = JSONResponse({"error": "this server needs its secret token: open the link it "
+                                         "printed when it started (…/?token=…)"}, status_code=403)
+        await refusal(scope, receive, send)
+
+
+def build_app(labeling: Labeling, local_only: bool = True, token: str | None = None,
+              cookie: str = "rlhf_label") -> Starlette:
     async def page(_request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
@@ -262,8 +331,11 @@ def build_app(labeling: Labeling, local_only: bool = True) -> Starlette:
     ]
     # Answering only requests addressed to this machine by name keeps a page of another site,
     # whose domain was pointed at 127.0.0.1 (DNS rebinding), from reading or writing anything.
+    # Beyond this machine, the token is what keeps the rest of the network out.
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(LOCAL_NAMES))] \
         if local_only else []
+    if token is not None:
+        middleware.append(Middleware(TokenGate, token=token, cookie=cookie))
     return Starlette(routes=routes, middleware=middleware)
 
 
@@ -271,7 +343,8 @@ def json_endpoint(work: Callable[[dict], dict]):
     """An endpoint that runs `work(body)` in a worker thread (sampling and fsync block) and
     answers its result as JSON; a UserError is the request's mistake (400), said in one line."""
     async def endpoint(request: Request) -> Response:
-        body = await json_body(request) if request.method == "POST" else {}
+        body = await json_body(request) if request.method == "POST" else \
+            dict(request.query_params)
         if isinstance(body, Response):
             return body
         try:
@@ -335,7 +408,7 @@ def cmd_label(args) -> int:
     if feedback_out.resolve() == out.resolve():
         raise UserError("--feedback-out must differ from --out: chat pairs and rankings are two "
                         "formats")
-    store = LabelStore.load(args.prompts, out, feedback_out)
+    store = LabelStore.load(args.prompts, out, feedback_out, args.rankings_per_prompt)
     registry = open_registry(args.home)
     policy = resolve_model(registry, args.policy)
     require_causal_lm(policy, "--policy")  # a bad model fails before the port is taken
@@ -346,13 +419,18 @@ def cmd_label(args) -> int:
     scorer = reward_scorer(resolve_model(registry, args.reward)) if args.reward else None
     info = {"policy": args.policy, "reward": args.reward, "out": str(out),
             "feedback_out": str(feedback_out), "k": args.k, "temperature": sampling.temperature}
-    labeling = Labeling(store, Models(model, tokenizer, sampling, args.seed, scorer), args.k, info)
+    team = args.host not in LOCAL_NAMES
+    labeling = Labeling(store, Models(model, tokenizer, sampling, args.seed, scorer), args.k, info,
+                        team=team)
     if scorer is not None:
         labeling.score_earlier_rows()
+    # Served beyond this machine, the page is a team's: a new secret per server, in the link.
+    token = secrets.token_urlsafe(24) if team else None
+    port = listener.getsockname()[1]
     store.open()
     try:
-        serve(build_app(labeling, local_only=args.host in LOCAL_NAMES), listener, args.host,
-              store.counts())
+        serve(build_app(labeling, local_only=not team, token=token, cookie=f"rlhf_label_{port}"),
+              listener, args.host, store.counts(), token)
     finally:
         store.close()
     counts = store.counts()
@@ -361,11 +439,15 @@ def cmd_label(args) -> int:
     return 0
 
 
-def serve(app: Starlette, listener: socket.socket, host: str, counts: dict) -> None:
+def serve(app: Starlette, listener: socket.socket, host: str, counts: dict,
+          token: str | None = None) -> None:
     import uvicorn
 
     done = counts["total"] - counts["remaining"]
-    print(f"label: {done} of {counts['total']} prompts done; serving {url_of(listener, host)} "
+    url = url_of(listener, host) + (f"?token={token}" if token else "")
+    team = " for a team: give this link to the labelers; each names themselves on the page" \
+        if token else ""
+    print(f"label: {done} of {counts['total']} prompts done; serving {url}{team} "
           f"(Ctrl-C stops; every submitted ranking is already saved)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=3))

@@ -11,7 +11,11 @@ hears "recorded", so a crash loses nothing already submitted:
 
 Resuming: a prompt is done when OUT holds a ranking of it or OUT.progress set it aside. Prompts are
 matched by content, not position, so an edited prompts file still resumes; a prompt listed twice
-needs two decisions. A crash in the middle of a write can leave an unfinished last line; reopening
+needs two decisions.
+
+A team (the page served beyond localhost): every row also names its labeler, and a prompt is done
+for a labeler who decided it, and for everyone once `per_prompt` labelers ranked it; with
+`per_prompt` 2 or more, `labeler_agreement` says how often two labelers order two answers alike. A crash in the middle of a write can leave an unfinished last line; reopening
 drops it (and says so) before the next row is appended. A bad line anywhere else is the user's to
 look at: it stops the command with file:line.
 """
@@ -33,6 +37,7 @@ from pipeline.data.formats import (JSONL_SUFFIXES, Record, is_int, parse_object,
                                    ranked_row)
 from pipeline.data.prompts import Prompt, checked_prompt, read_chat_prompts
 from pipeline.errors import UserError
+from pipeline.ranking import rank_positions
 from pipeline.registry import fsync_dir
 
 SET_ASIDE = ("skipped", "flagged")
@@ -208,6 +213,56 @@ def json_line(row: dict) -> bytes:
 
 
 # -- where the session stands ---------------------------------------------------------------------
+def signed(row: dict, labeler: str | None) -> dict:
+    """The row with its labeler's name, when there is one (a team's page)."""
+    return row if labeler is None else {**row, "labeler": labeler}
+
+
+def labeler_agreement(rows: list[dict]) -> dict:
+    """How often two labelers order two answers alike, over the prompts several of them ranked.
+
+    For each prompt, each pair of labelers who ranked the same answers, and each pair of answers
+    both ordered strictly: agreement is the share of such answer pairs they ordered the same way.
+    Returns {"prompts", "pairs", "agreement" (None without pairs), "by_labelers": {"a + b":
+    {"pairs", "agreement"}}}.
+    """
+    by_prompt: dict[str, list[tuple[str, dict[str, int]]]] = {}
+    for row in rows:
+        if row.get("labeler") is None:
+            continue
+        places = rank_positions(row["ranking"])
+        rank_of = {answer: places[index] for index, answer in enumerate(row["responses"])}
+        by_prompt.setdefault(prompt_key(row["prompt"]), []).append((row["labeler"], rank_of))
+    tally: dict[str, list[int]] = {}  # "a + b" → [agreeing pairs, pairs]
+    prompts = 0
+    for rankings in by_prompt.values():
+        compared = False
+        for first, (name_a, ranks_a) in enumerate(rankings):
+            for name_b, ranks_b in rankings[first + 1:]:
+                if name_a == name_b or set(ranks_a) != set(ranks_b):
+                    continue
+                compared = True
+                counts = tally.setdefault(" + ".join(sorted((name_a, name_b))), [0, 0])
+                for agree in answer_pair_agreements(ranks_a, ranks_b):
+                    counts[0] += agree
+                    counts[1] += 1
+        prompts += compared
+    agreeing, pairs = sum(c[0] for c in tally.values()), sum(c[1] for c in tally.values())
+    return {"prompts": prompts, "pairs": pairs,
+            "agreement": agreeing / pairs if pairs else None,
+            "by_labelers": {names: {"pairs": n, "agreement": a / n if n else None}
+                            for names, (a, n) in sorted(tally.items())}}
+
+
+def answer_pair_agreements(ranks_a: dict[str, int], ranks_b: dict[str, int]) -> list[bool]:
+    """For each pair of answers both labelers ordered strictly (no tie on either side): whether
+    they put it in the same order."""
+    answers = sorted(ranks_a)
+    return [(ranks_a[x] < ranks_a[y]) == (ranks_b[x] < ranks_b[y])
+            for i, x in enumerate(answers) for y in answers[i + 1:]
+            if ranks_a[x] != ranks_a[y] and ranks_b[x] != ranks_b[y]]
+
+
 def pending_indices(prompts: list[Prompt], done: Counter) -> list[int]:
     """Indices of the prompts still to label; `done` counts the decisions made per prompt key."""
     left = Counter(done)
@@ -223,29 +278,29 @@ def pending_indices(prompts: list[Prompt], done: Counter) -> list[int]:
 
 @dataclass
 class LabelStore:
-    """The prompts, the three files and what is left to do."""
+    """The prompts, the three files and what is left to do (for each labeler: None when the
+    page is served on this machine alone and rows name nobody)."""
 
     prompts: list[Prompt]
     out: JsonlLog
     progress: JsonlLog
     feedback: JsonlLog
-    pending: list[int] = field(default_factory=list)
+    per_prompt: int = 1  # labelers who rank each prompt
     record_ms: list[float] = field(default_factory=list)
 
     @classmethod
-    def load(cls, prompts_file: str | Path, out: Path, feedback: Path) -> LabelStore:
+    def load(cls, prompts_file: str | Path, out: Path, feedback: Path,
+             per_prompt: int = 1) -> LabelStore:
         """Read everything and check it; nothing is written until `open`."""
         prompts = read_chat_prompts(prompts_file)
         store = cls(prompts, JsonlLog(out), JsonlLog(out.with_name(out.name + ".progress")),
-                    JsonlLog(feedback))
+                    JsonlLog(feedback), per_prompt)
         for line, row in store.out.scan.rows:
             check_ranked_row(row, Record(str(out), line, row))
         for line, row in store.progress.scan.rows:
             if row.get("action") not in SET_ASIDE or "prompt" not in row:
                 raise UserError(f"{store.progress.path}:{line}: not a progress row of `rlhf "
                                 "label`; move the file away to start over")
-        done = Counter(prompt_key(row["prompt"]) for row in store.out.rows + store.progress.rows)
-        store.pending = pending_indices(prompts, done)
         return store
 
     def open(self) -> None:
@@ -261,42 +316,54 @@ class LabelStore:
         for log in (self.out, self.progress, self.feedback):
             log.close()
 
-    def current(self) -> int | None:
-        return self.pending[0] if self.pending else None
+    def pending(self, labeler: str | None = None) -> list[int]:
+        """Indices of the prompts `labeler` has still to decide, in file order: not decided by
+        them, and not yet ranked by `per_prompt` labelers."""
+        own = Counter(prompt_key(row["prompt"]) for row in self.out.rows + self.progress.rows
+                      if row.get("labeler") == labeler)
+        ranked = Counter(prompt_key(row["prompt"]) for row in self.out.rows)
+        covered = Counter({key: count // self.per_prompt for key, count in ranked.items()})
+        still_open = set(pending_indices(self.prompts, covered))
+        return [index for index in pending_indices(self.prompts, own) if index in still_open]
 
-    def check_pending(self, index: Any) -> int:
-        if not is_int(index) or index not in self.pending:
+    def current(self, labeler: str | None = None) -> int | None:
+        pending = self.pending(labeler)
+        return pending[0] if pending else None
+
+    def check_pending(self, index: Any, labeler: str | None = None) -> int:
+        if not is_int(index) or index not in self.pending(labeler):
             raise UserError(f"prompt {index} is not waiting for a decision (already done?); "
                             "reload the page")
         return index
 
-    def record_ranking(self, index: Any, answers: list[str], groups: list[list[int]]) -> dict:
+    def record_ranking(self, index: Any, answers: list[str], groups: list[list[int]],
+                       labeler: str | None = None) -> dict:
         """Check the ranking of prompt `index`, append its row to OUT (fsync'd) and time it."""
         started = time.perf_counter()
-        row = ranking_row(self.prompts[self.check_pending(index)], answers, groups)
-        self.out.append([row])
-        self.pending.remove(index)
+        row = ranking_row(self.prompts[self.check_pending(index, labeler)], answers, groups)
+        self.out.append([signed(row, labeler)])
         self.record_ms.append((time.perf_counter() - started) * 1000)
         return row
 
-    def set_aside(self, index: int, action: str, note: str = "") -> None:
+    def set_aside(self, index: int, action: str, note: str = "",
+                  labeler: str | None = None) -> None:
         if action not in SET_ASIDE:
             raise UserError(f"unknown action {action!r}; use one of {', '.join(SET_ASIDE)}")
-        row = {"action": action, "prompt": self.prompts[self.check_pending(index)]}
+        row = {"action": action, "prompt": self.prompts[self.check_pending(index, labeler)]}
         if note.strip():
             row["note"] = note.strip()
-        self.progress.append([row])
-        self.pending.remove(index)
+        self.progress.append([signed(row, labeler)])
 
-    def save_feedback(self, messages: Any, chosen: Any, rejected: Any) -> int:
+    def save_feedback(self, messages: Any, chosen: Any, rejected: Any,
+                      labeler: str | None = None) -> int:
         rows = feedback_rows(messages, chosen, rejected)
         if rows:
-            self.feedback.append(rows)
+            self.feedback.append([signed(row, labeler) for row in rows])
         return len(rows)
 
-    def counts(self) -> dict:
+    def counts(self, labeler: str | None = None) -> dict:
         actions = Counter(row["action"] for row in self.progress.rows)
-        return {"total": len(self.prompts), "remaining": len(self.pending),
+        return {"total": len(self.prompts), "remaining": len(self.pending(labeler)),
                 "ranked": len(self.out.rows), "skipped": actions["skipped"],
                 "flagged": actions["flagged"], "chat_pairs": len(self.feedback.rows)}
 

@@ -12,7 +12,16 @@ function el(tag, className, text) {
   return node;
 }
 
+// A team's page (served beyond localhost) names its labeler in every request; the server's token
+// travels in a cookie it set when the page was opened with the link.
+const team = {on: false, labeler: null};
+
 async function api(path, body) {
+  if (team.on && body === undefined) {
+    path += `${path.includes("?") ? "&" : "?"}labeler=${encodeURIComponent(team.labeler || "")}`;
+  } else if (team.on) {
+    body = {...body, labeler: team.labeler};
+  }
   const options = body === undefined ? {} : {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
   const response = await fetch(path, options);
@@ -188,7 +197,8 @@ function showProgress(counts, shown = 1) {
   const done = counts.total - counts.remaining;
   const position = counts.remaining || !shown ? `Prompt ${done + shown} of ${counts.total}`
     : `${counts.total} prompts`;
-  $("progress").textContent = `${position} · ${counts.ranked} ranked · ` +
+  const who = team.on ? `${team.labeler} · ` : "";
+  $("progress").textContent = `${who}${position} · ${counts.ranked} ranked · ` +
     `${counts.skipped} skipped · ` +
     `${counts.flagged} flagged · ${counts.chat_pairs} chat pairs`;
 }
@@ -240,6 +250,7 @@ async function submitRanking() {
   try {
     const result = await api("/api/rank", {index: rank.item.index, ranking: groups()});
     showProgress(result.counts, 0);
+    if (team.on) showTeam(await api("/api/stats"));
     $("status").textContent = `Recorded in ${result.record_ms.toFixed(1)} ms.`;
     if (result.scores) {
       rank.scores = result.scores;
@@ -470,6 +481,32 @@ async function newChat() {
   renderChat();
 }
 
+// ---- Team -------------------------------------------------------------------------------------
+function showTeam(stats) {
+  const between = stats.labelers;
+  $("team").textContent = !between || between.agreement === null
+    ? "Labelers agree: no prompt ranked by two labelers yet"
+    : `Labelers agree on ${percent(between.agreement)} of ${between.pairs} answer pairs ` +
+      `(${between.prompts} prompt${between.prompts === 1 ? "" : "s"} ranked by several)`;
+}
+
+// The labeler's name, asked once and remembered by this browser.
+function askName() {
+  return new Promise((resolve) => {
+    $("who").hidden = false;
+    $("labeler-name").value = localStorage.getItem("rlhf-labeler") || "";
+    $("labeler-name").focus();
+    $("who").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const name = $("labeler-name").value.trim();
+      if (!name) return;
+      localStorage.setItem("rlhf-labeler", name);
+      $("who").hidden = true;
+      resolve(name);
+    });
+  });
+}
+
 // ---- Page -------------------------------------------------------------------------------------
 let outFile = "OUT";
 const sparseNote = document.getElementById("sparse").textContent;
@@ -513,9 +550,17 @@ async function start() {
     if (event.key === "Enter" && !event.shiftKey) send(event);
   });
   $("new-chat").addEventListener("click", newChat);
+  if (new URLSearchParams(location.search).has("token")) {
+    history.replaceState(null, "", location.pathname);  // the cookie holds it now
+  }
   try {
     const stats = await api("/api/stats");
     outFile = stats.out;
+    if (stats.team) {
+      team.on = true;
+      team.labeler = await askName();
+      showTeam(stats);
+    }
     $("models").textContent = `policy ${stats.policy}` +
       (stats.reward ? ` · reward ${stats.reward}` : "") +
       ` · K ${stats.k} · temperature ${stats.temperature}` +
