@@ -4,16 +4,18 @@ directory — made before anything is loaded or written.
 Every command and stage calls these instead of checking on its own, so one mistake gets one
 message (a `UserError`: one line, exit code 2) wherever it is made:
 
-- files: `input_file`, `input_path`, `path_problem` — missing, a directory where a file is
-  expected, a named pipe, a device, a symbolic-link loop, unreadable, empty, larger than it can be;
-- numbers: `checked_number` and the argparse types made by `number_option` — finite and in range
-  (the config files' numbers are checked by their pydantic fields, which refuse NaN and infinity);
+- files: `input_file`, `input_path`, `path_problem`, `output_directory_problem` — missing, a
+  directory where a file is expected, a named pipe, a device, a symbolic-link loop, unreadable,
+  not writable, larger than it can be (an empty or blank data file is the readers' to refuse);
+- numbers: the argparse types made by `number_option` — finite and in range (the numbers of config
+  files are checked by their pydantic fields, which refuse NaN, infinity and out-of-range values);
 - models: `require_causal_lm` and `require_reward_model` (verified registry checkpoints, the right
   kind of model: causal LM, reward model or LoRA adapter, with a head that fits), and the checks
   they make of a directory: `model_kind`, `weights_problem`, `check_quantization`,
   `check_remote_code`; `check_eos` for a policy that samples answers.
 
-This module imports no torch or transformers, so the command line can use it at parse time.
+This module imports no torch or transformers (the few checks that need them import them when they
+run), so the command line can use it at parse time.
 """
 
 from __future__ import annotations
@@ -155,17 +157,6 @@ def number_problem(value: float, *, low: float | None = None, high: float | None
     if high is not None and value > high:
         return f"must be at most {high}"
     return None
-
-
-def checked_number(name: str, value, **bounds):
-    """`value` when it is a finite number within `bounds` (see `number_problem`), else a
-    UserError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{name} must be a number, got {value!r}")
-    problem = number_problem(value, **bounds)
-    if problem:
-        raise UserError(f"{name} {problem}, got {value}")
-    return value
 
 
 def number_option(kind: type = float, **bounds) -> Callable[[str], float | int]:

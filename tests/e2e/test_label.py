@@ -298,3 +298,60 @@ def train_reward(home: Path, target: Path, files: list[Path], capsys) -> dict:
     out, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_team_needs_the_token_and_its_labelers_rows_are_told_apart(outcome, browser, tmp_path):
+    """Served beyond localhost: nothing is read or written without the link's token; with it,
+    two labelers (two browsers) rank the same prompt, each row names its labeler, and the page
+    and /api/stats report how often they agree."""
+    from playwright.sync_api import expect
+
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "team.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    args = ("--policy", "ppo:latest", "--prompts", str(prompts), "--out", str(out), "--k", "3",
+            "--host", "0.0.0.0", "--rankings-per-prompt", "2")
+    with label_server(outcome.home, tmp_path / "team", *args) as server:
+        token = re.search(r"\?token=([\w-]+)", server.banner).group(1)
+        base = server.url.replace("0.0.0.0", "127.0.0.1")
+        server.url = base
+        assert token not in server.stderr.read_text()  # printed once, in the link, never logged
+        # Without the token (or with a wrong one) nothing is read or written.
+        assert server.get("/")[0] == 403
+        assert server.get("/api/stats")[0] == 403
+        assert server.get("/api/next", {"X-Label-Token": token[:-1] + "x"})[0] == 403
+        refused = server.post("/api/rank", {"index": 0, "ranking": [[0], [1], [2]],
+                                            "labeler": "eve"})
+        assert refused[0] == 403 and not out.exists()
+        page = browser.new_page()
+        page.goto(base)
+        assert "secret token" in page.content()
+        page.close()
+
+        rankings = {}
+        for name, order in (("ann", "best first"), ("bob", "worst first")):
+            context = browser.new_context()  # a labeler's own browser: cookies, stored name
+            page = context.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.goto(f"{base}?token={token}")
+            expect(page.locator("#who")).to_be_visible()
+            assert "token" not in page.url  # the link's token left the address bar
+            page.fill("#labeler-name", name)
+            page.click("#start")
+            wait_for_prompt(page, PROMPTS[0])
+            count = page.locator("#pool .card").count()
+            keys = [str(i + 1) for i in range(count)]
+            press(page, *(keys if order == "best first" else reversed(keys)))
+            press(page, "Enter")
+            expect(page.locator("#progress")).to_contain_text(f"{name} · ")
+            rankings[name] = count
+            if name == "bob":
+                expect(page.locator("#team")).to_contain_text("Labelers agree on 0% of")
+            context.close()
+        stats = json.loads(server.get("/api/stats", {"X-Label-Token": token})[2])
+
+    rows = read_rows(out)
+    assert [row["labeler"] for row in rows] == ["ann", "bob"]
+    assert rows[0]["responses"] == rows[1]["responses"]  # the same answers to compare
+    pairs = rankings["ann"] * (rankings["ann"] - 1) // 2
+    assert stats["team"] and stats["labelers"]["prompts"] == 1
+    assert stats["labelers"]["pairs"] == pairs and stats["labelers"]["agreement"] == 0.0

@@ -177,11 +177,11 @@ def corpus(name: str) -> str:
     return f"data.sources=[{{bad}}/{name}]"
 
 
-def sft_data(name: str) -> Row:
+def sft_data(name: str) -> list[str]:
     return sft_args(f"data.train_files=[{{bad}}/{name}]")
 
 
-def reward_data(name: str) -> Row:
+def reward_data(name: str) -> list[str]:
     return reward_args(f"data.train_files=[{{bad}}/{name}]")
 
 
@@ -355,6 +355,8 @@ CATALOGUE: dict[str, list[Row]] = {
         Row("empty-file", run_args(corpus("empty.jsonl")), "empty.jsonl: the file has no rows"),
         Row("fifo-prompts", ppo_args("data.prompts_file={bad}/fifo.jsonl"),
             "is a named pipe (FIFO)", stage="ppo"),
+        Row("label-out-fifo", ["label", "--policy", "{run}", "--prompts", "{bad}/prompts_ok.jsonl",
+                               "--out", "{bad}/fifo.jsonl"], "--out {bad}/fifo.jsonl is a named pipe"),
         Row("label-prompts-symlink-loop", ["label", "--policy", "{run}", "--prompts",
                                            "{bad}/loop.jsonl", "--out", "{bad}/labels.jsonl"],
             "is a symbolic link loop"),
@@ -748,7 +750,7 @@ def test_bad_input_fails_cleanly_and_changes_nothing(row: Row, catalogue, open_f
 
     assert code == 2, lines
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {lines}"
-    assert row.fragment in lines[0]
+    assert fill(row.fragment, values) in lines[0]
     assert "Traceback" not in lines[0]
     after = homes_digest(homes)
     assert not changed_files(before, after), "the registry home changed"

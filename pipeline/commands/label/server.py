@@ -66,9 +66,9 @@ from pipeline.commands.label.store import (LabelStore, checked_out_path, distinc
 from pipeline.data.formats import Record
 from pipeline.data.prompts import checked_prompt
 from pipeline.errors import UserError
-from pipeline.guard import require_causal_lm, require_reward_model
 from pipeline.generation import (SamplingConfig, generate_kwargs, load_for_sampling, prompt_budget,
                                  sample)
+from pipeline.guard import require_causal_lm, require_reward_model
 from pipeline.ranking import rank_positions, ranking_metrics
 from pipeline.registry import open_registry, resolve_model
 from pipeline.reward_model import reward_scorer

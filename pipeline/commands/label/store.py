@@ -37,6 +37,7 @@ from pipeline.data.formats import (JSONL_SUFFIXES, Record, is_int, parse_object,
                                    ranked_row)
 from pipeline.data.prompts import Prompt, checked_prompt, read_chat_prompts
 from pipeline.errors import UserError
+from pipeline.guard import NOT_FOUND, path_problem
 from pipeline.ranking import rank_positions
 from pipeline.registry import fsync_dir
 
@@ -53,6 +54,9 @@ def checked_out_path(path: str | Path, option: str) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"{option} {path} is a directory; name a .jsonl file")
+    problem = path_problem(path, "file")
+    if problem and problem != NOT_FOUND["file"]:  # a FIFO would block, a loop never resolve
+        raise UserError(f"{option} {path} {problem}; name a regular .jsonl file")
     if not path.parent.is_dir():
         raise UserError(f"{option} {path}: the directory {path.parent} does not exist; create it "
                         "or choose another path")
