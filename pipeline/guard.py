@@ -255,8 +255,8 @@ def weights_problem(directory: Path) -> str | None:
 
 def pickle_problem(path: Path) -> str | None:
     """Why torch refuses to open pickled weights with weights_only=True, or None."""
-    import pickle
     import warnings
+    from pickle import UnpicklingError
 
     import torch
 
@@ -269,7 +269,7 @@ def pickle_problem(path: Path) -> str | None:
                 if "mmap" not in str(err):
                     raise
                 torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except UnpicklingError:
         return ("holds more than tensors, and pickles can run code, so it is refused; convert the "
                 "weights to safetensors")
     except (RuntimeError, EOFError, OSError, ValueError) as err:

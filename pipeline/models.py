@@ -8,9 +8,9 @@ manifest before loading. LoRA adapters (peft) are applied and loaded here too.
 from __future__ import annotations
 
 import json
-import pickle
 from contextlib import contextmanager
 from pathlib import Path
+from pickle import UnpicklingError  # torch's weights_only refusal; nothing here unpickles
 
 import torch
 from pipeline.config import LoraConfig, remote_code_warning
@@ -56,7 +56,7 @@ def loading_errors(what: str, path: str):
 
     try:
         yield
-    except pickle.UnpicklingError:  # torch's weights_only refusal: the pickle holds more
+    except UnpicklingError:  # torch's weights_only refusal: the pickle holds more
         raise UserError(f"cannot load {what} from {path}: its pickled weights hold more than "
                         f"tensors, and pickles can run code, so they are refused; convert the "
                         f"weights to safetensors") from None

@@ -51,6 +51,9 @@ def unsafe_loading(source: str) -> list[str]:
         elif isinstance(node, ast.keyword) and node.arg == "allow_pickle" \
                 and not _is_constant(node.value, False):
             problems.append(f"line {node.value.lineno}: allow_pickle is not False")
+        elif isinstance(node, ast.ImportFrom) and node.module == "pickle" and \
+                [alias.name for alias in node.names] == ["UnpicklingError"]:
+            continue  # the class of torch's weights_only refusal, to catch it: nothing unpickles
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) \
                 else [node.module or ""] + (["torch.load"] if node.module == "torch" and any(
@@ -112,6 +115,8 @@ def test_the_static_checks_catch_what_they_look_for():
                  "np.load(f, allow_pickle=True)")
     assert all(unsafe_loading(code) for code in bad_loads)
     assert unsafe_loading("torch.load(f, map_location='cpu', weights_only=True)") == []
+    assert unsafe_loading("from pickle import UnpicklingError") == []
+    assert unsafe_loading("from pickle import UnpicklingError, loads")
     bad_trust = ("f(trust_remote_code=True)", "f(trust_remote_code=args.trust)",
                  "def f(trust_remote_code=True): pass", "trust = True")
     assert all(remote_code_sources(code) for code in bad_trust)
