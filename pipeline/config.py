@@ -228,7 +228,8 @@ _EXPECTED = {
     "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
     "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
     "dict_type": "a mapping", "model_type": "a mapping of keys", "finite_number": "a finite number",
-    "bool_for_number": "a number", "whole_number_too_large": f"a whole number of at most {MAX_WHOLE_NUMBER:,} (2**53)",
+    "bool_for_number": "a number",
+    "whole_number_too_large": f"a whole number of at most {MAX_WHOLE_NUMBER:,} (2**53)",
 }
 
 

@@ -352,8 +352,8 @@ def _add_checkpoint_tools(commands) -> None:
     label.add_argument("--out", required=True, help="ranked JSONL written (appended to)")
     label.add_argument("--feedback-out", help="chat pairs JSONL (default: OUT's name with "
                        ".chat.jsonl)")
-    label.add_argument("--k", type=number_option(int, low=2, high=9), default=4,  # keys 1..9
-                       help="answers per prompt (2-9)")
+    label.add_argument("--k", type=number_option(int, low=2, high=9), default=4,
+                       help="answers per prompt (2-9: keys 1..9 place them)")
     label.add_argument("--temperature", type=temperature_option, default=1.0)
     label.add_argument("--top-k", type=top_k_option, default=0, help="0 = off")
     label.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96)
