@@ -292,8 +292,8 @@ def _add_score(commands) -> None:
     score.add_argument("--prompt")
     score.add_argument("--response", action="append", default=[], help="repeat for each answer")
     score.add_argument("--data", help="ranked JSONL file (any accepted reward format)")
-    score.add_argument("--worst", type=number_option(int, low=0), default=5, help="prompts shown where the model "
-                       "disagrees most with the labels")
+    score.add_argument("--worst", type=number_option(int, low=0), default=5,
+                       help="prompts shown where the model disagrees most with the labels")
     score.add_argument("--plot", help="write a PNG of the score distribution per rank")
     score.add_argument("--json", action="store_true")
     score.set_defaults(handler=_lazy("pipeline.commands.score", "cmd_score"))
