@@ -21,8 +21,9 @@ SFT_FIXTURES = ROOT / "tests" / "fixtures" / "sft"
 
 
 def torchrun(home: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", "29517", "-m", "pipeline.commands.cli", "--home", str(home), *args]
+    # --standalone rendezvous on a free port: tests running side by side never share one.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", "-m", "pipeline.commands.cli", "--home", str(home), *args]
     env = dict(cli_env(), OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
