@@ -29,17 +29,15 @@ from pipeline.config import LoraConfig, Section, StageConfig
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_sft_rows
 from pipeline.data.packing import pack_examples, pad_labeled
-from pipeline.data.prompts import read_prompts
 from pipeline.errors import UserError
-from pipeline.generation import SamplingConfig
 from pipeline.loop import fit, micro_batch_indices, to_device
 from pipeline.guard import ADAPTER_CONFIG, require_causal_lm
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.runtime import StageRun
 from pipeline.tokenizer import IGNORE_INDEX, check_context, encode_chat, load_tokenizer
-from pipeline.world.cache import WorldSection, train_and_eval_files, world_file
-from pipeline.world.evaluation import gold_eval, gold_metrics
+from pipeline.world.cache import WorldSection, train_and_eval_files
+from pipeline.world.evaluation import GoldEvalSection, gold_eval, gold_metrics
 
 
 class ModelSection(Section):
@@ -65,18 +63,11 @@ class DataSection(Section):
     packing: bool = Field(False, description="concatenate conversations into max_length blocks")
 
 
-class EvalSection(Section):
-    prompts_file: str | None = Field(None, description="JSONL of {prompt} for the gold eval; "
-                                     "empty = the world's eval_prompts.jsonl")
-    n_prompts: int = Field(64, ge=0, description="prompts sampled for the gold eval; 0 skips it")
-    max_new_tokens: int = Field(64, ge=1, description="answer length limit (greedy decoding)")
-
-
 class Config(StageConfig):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    eval: EvalSection = Field(default_factory=EvalSection)
+    eval: GoldEvalSection = Field(default_factory=GoldEvalSection)
 
 
 @dataclass
@@ -111,8 +102,9 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     train_files, eval_files = train_and_eval_files(registry, config.data, "sft")
     train_set = encode_split(tokenizer, train_files, config.data, "train")
     eval_set = encode_split(tokenizer, eval_files, config.data, "eval") if eval_files else None
-    prompts_file = gold_prompts_file(config, registry)
-    prompts = read_prompts(prompts_file, config.eval.n_prompts) if prompts_file else []
+    prompts_file = (config.eval.prompts_path(registry, config.data.world)
+                    if config.eval.n_prompts else None)
+    prompts = config.eval.prompts(registry, config.data.world)
     stage_run = StageRun.open("sft", config, registry, parents=parents,
                               data_fingerprint=data_fingerprint(train_files, eval_files, prompts_file),
                               restart=restart, pipeline_id=pipeline_id)
@@ -242,13 +234,6 @@ def parent_base_path(parent: Resolved) -> str:
 
 
 # -- data ---------------------------------------------------------------------------------------
-def gold_prompts_file(config: Config, registry: Registry) -> str | None:
-    if config.eval.n_prompts == 0:
-        return None
-    return config.eval.prompts_file or str(world_file(registry, config.data.world,
-                                                      "eval_prompts.jsonl"))
-
-
 def encode_split(tokenizer, sources: list[str], data: DataSection, split: str) -> EncodedSplit:
     """Load every source with the configured format and encode it with assistant-only labels."""
     split_data = EncodedSplit(split)
@@ -300,8 +285,7 @@ def eval_answer_loss(model, examples: list[dict], train, pad_id: int, device) ->
 
 def measure_gold(model, tokenizer, prompts: list[str], config: Config) -> dict:
     """Greedy answers to the held-out prompts, scored by the world's gold scorer."""
-    sampling = SamplingConfig(max_new_tokens=config.eval.max_new_tokens, temperature=0.0)
-    return gold_eval(model, tokenizer, prompts, sampling, seed=config.seed)
+    return gold_eval(model, tokenizer, prompts, config.eval.sampling(), seed=config.seed)
 
 
 def describe_gold(gold: dict, gold_before: dict) -> str:

@@ -272,14 +272,22 @@ def _add_data(commands) -> None:
     world.add_argument("--size", choices=["tiny", "small"], default="tiny")
     world.add_argument("--k", type=int, default=4, help="answers per ranked prompt (2-9)")
     world.set_defaults(handler=_cmd_data_world)
-    validate = sub.add_parser("validate", help="check a ranked reward file row by row")
-    validate.add_argument("file")
+    validate = sub.add_parser("validate", help="check a data file row by row; say which stages "
+                              "can read it")
+    validate.add_argument("file", help="a data file (JSON Lines, JSON array, Parquet, text) or a "
+                          "directory of them")
+    validate.add_argument("--stage", choices=["pretrain", "sft", "reward", "ppo"],
+                          help="check it for this stage only, and show that reader's first problem")
     validate.set_defaults(handler=_cmd_data_validate)
     gold = sub.add_parser("gold-score", help="sample a model on held-out prompts; gold-score it")
     gold.add_argument("ref", help="model reference (run id, STAGE:latest, alias, directory)")
     gold.add_argument("--prompts", help="JSONL of {\"prompt\": ...} (default: the world's eval prompts)")
-    gold.add_argument("--n", type=number_option(int, low=1), default=100, help="number of prompts")
-    gold.add_argument("--temperature", type=temperature_option, default=0.0, help="0 = greedy")
+    gold.add_argument("--n", type=number_option(int, low=1),
+                      help="number of prompts (default: the run's eval.n_prompts, else 100)")
+    gold.add_argument("--temperature", type=temperature_option,
+                      help="0 = greedy (default: the run's eval.temperature, else 0)")
+    gold.add_argument("--max-new-tokens", type=number_option(int, low=1),
+                      help="answer length limit (default: the run's eval.max_new_tokens, else 64)")
     gold.add_argument("--json", action="store_true")
     gold.set_defaults(handler=_lazy("pipeline.commands.gold_score", "cmd_gold_score"))
 
@@ -389,8 +397,8 @@ def _cmd_data_world(args) -> int:
 
 
 def _cmd_data_validate(args) -> int:
-    from pipeline.data.formats import validate_ranked_file
-    print(f"{args.file}: {validate_ranked_file(args.file)} valid rows")
+    from pipeline.data.validate import describe, validate
+    print(describe(args.file, validate(args.file, args.stage)))
     return 0
 
 

@@ -23,11 +23,10 @@ from pathlib import Path
 
 from pipeline.data.prompts import read_prompts
 from pipeline.errors import UserError
-from pipeline.generation import SamplingConfig, load_for_sampling
+from pipeline.generation import load_for_sampling
 from pipeline.guard import REWARD_MODEL, model_kind
-from pipeline.registry import PIPELINE_STAGE, Registry, Run, open_registry
-from pipeline.world.cache import WorldSection, world_file
-from pipeline.world.evaluation import gold_eval
+from pipeline.registry import PIPELINE_STAGE, Registry, Run, default_home, open_registry
+from pipeline.world.evaluation import GoldEvalSection, gold_eval, run_gold_settings
 from stages import STAGES
 
 SAMPLE_PROMPTS = 3        # prompts whose answers are shown side by side
@@ -166,34 +165,28 @@ def loss_series(metrics: dict) -> dict[str, list]:
 
 @dataclass
 class GoldSettings:
-    """What the report's gold eval samples: the prompts and answer length the stages' own gold
-    evals used, so its numbers compare with theirs."""
+    """What the report's gold eval samples: the gold eval of the last stage that ran one (sft,
+    ppo), so its numbers compare with the stages' own."""
 
-    prompts_file: Path
-    n_prompts: int
-    max_new_tokens: int
+    section: GoldEvalSection
+    prompts_file: str
 
 
 def gold_settings(registry: Registry, runs: dict[str, Run]) -> GoldSettings | None:
-    """The gold-eval settings of the last stage with an `eval` section (sft, ppo): its prompts
-    (`eval.prompts_file`, else its world's eval_prompts.jsonl), `eval.n_prompts` and
-    `eval.max_new_tokens`. None when no stage ran a gold eval."""
-
+    """The gold-eval settings of the last stage that ran a gold eval; None when none did."""
     for run in reversed(list(runs.values())):
-        section = run.config.get("eval", {})
-        if section.get("n_prompts"):
-            world = WorldSection(**run.config.get("data", {}).get("world", {}))
-            prompts = section.get("prompts_file") or world_file(registry, world,
-                                                                "eval_prompts.jsonl")
-            return GoldSettings(Path(prompts), section["n_prompts"], section["max_new_tokens"])
+        found = run_gold_settings(run.config)
+        if found:
+            section, world = found
+            return GoldSettings(section, section.prompts_path(registry, world))
     return None
 
 
 def gold_by_stage(registry: Registry, runs: dict[str, Run],
                   settings: GoldSettings) -> tuple[dict, list[str]]:
     """Each stage policy's gold summary (greedy answers), and the prompts."""
-    prompts = read_prompts(settings.prompts_file, settings.n_prompts)
-    sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=0.0)
+    prompts = read_prompts(settings.prompts_file, settings.section.n_prompts)
+    sampling = settings.section.sampling()
     results = {}
     for name, run in runs.items():
         if not run.model_path or model_kind(run.model_path) == REWARD_MODEL:
@@ -332,9 +325,9 @@ def _gold(card: Card, registry: Registry, runs: dict[str, Run], settings: GoldSe
     if not gold:
         card.add("p", "None of these runs published a policy (a model that writes answers).")
         return {}
-    card.add("p", f"Greedy answers (at most {settings.max_new_tokens} tokens) of each stage's "
-                  f"published policy to the first {len(prompts)} held-out prompts of "
-                  f"{settings.prompts_file}, as in the stages' own gold evals, scored by the gold "
+    card.add("p", f"Answers of each stage's published policy "
+                  f"({settings.section.describe(settings.prompts_file)}), as in the stages' own "
+                  f"gold evals, scored by the gold "
                   f"scorer: 0.6·correct + 0.2·polite + 0.2·complete. No stage trains on it. The "
                   f"reward model writes no answers, so it has no row.")
     card.add("table", (["stage", "gold score", "count accuracy", "format adherence", "mean words"],
@@ -358,8 +351,8 @@ def _gold(card: Card, registry: Registry, runs: dict[str, Run], settings: GoldSe
 def cmd_report(args) -> int:
     registry = open_registry(args.home)
     if registry is None:
-        raise UserError(f"no registry at {args.home or 'runs'}; run a pipeline first or pass "
-                        f"--home DIR")
+        raise UserError(f"no registry at {args.home or default_home()}; run a pipeline first, or "
+                        f"pass --home DIR or set RLHF_HOME")
     run = registry.lookup(args.ref)
     if run is None:
         raise UserError(f"no run '{args.ref}' in the registry at {registry.home}; "

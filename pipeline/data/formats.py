@@ -322,7 +322,8 @@ def _hub_records(name: str) -> list[Record]:
     return [Record(name, number, row) for number, row in load_hub_rows(name)]
 
 
-def _read_records(path_or_name: str | Path) -> list[Record]:
+def read_records(path_or_name: str | Path) -> list[Record]:
+    """Every row of a data file, a directory of them, or a hub data set, with where it came from."""
     files = _local_files(path_or_name, ROW_SUFFIXES)
     if files is None:
         return _hub_records(str(path_or_name))
@@ -387,15 +388,25 @@ def _checked_columns(columns: dict[str, str] | None, formats: dict[str, tuple[st
     return dict(columns or {})
 
 
+def detect_format(row: dict, formats: dict[str, tuple[str, ...]],
+                  columns: dict[str, str] | None = None) -> str | None:
+    """The first format whose required columns (after the column mapping) the row has."""
+    columns = columns or {}
+    for name, needed in formats.items():
+        if all(columns.get(column, column) in row for column in needed):
+            return name
+    return None
+
+
 def _resolved_format(fmt: str, first: Record, columns: dict[str, str],
                      formats: dict[str, tuple[str, ...]]) -> str:
     if fmt in formats:
         return fmt
     if fmt != "auto":
         raise UserError(f"unknown data format {fmt!r}; valid formats: auto, {', '.join(formats)}")
-    for name, needed in formats.items():
-        if all(columns.get(column, column) in first.row for column in needed):
-            return name
+    detected = detect_format(first.row, formats, columns)
+    if detected:
+        return detected
     found = ", ".join(map(str, first.row)) or "none"
     raise UserError(f"{first.where}: cannot tell the data format from the columns ({found}); "
                     f"set the format to one of {', '.join(formats)} or map column names with columns")
@@ -481,7 +492,7 @@ def load_sft_rows(path_or_name: str | Path, fmt: str = "auto",
                   columns: dict[str, str] | None = None) -> list[dict]:
     """Load SFT data as `{"messages": [...], "_line": n}` rows from any supported format."""
     columns = _checked_columns(columns, SFT_FORMATS, SFT_OPTIONAL_COLUMNS)
-    records = _read_records(path_or_name)
+    records = read_records(path_or_name)
     adapter = SFT_ADAPTERS[_resolved_format(fmt, records[0], columns, SFT_FORMATS)]
     return [{"messages": _checked_conversation(adapter(record, columns), record), "_line": record.line}
             for record in records]
@@ -643,11 +654,6 @@ def load_ranked_rows(path_or_name: str | Path, fmt: str = "auto",
                      columns: dict[str, str] | None = None) -> list[dict]:
     """Load reward data as `{"prompt", "responses", "ranks", "_line"}` rows from any ranked format."""
     columns = _checked_columns(columns, RANKED_FORMATS)
-    records = _read_records(path_or_name)
+    records = read_records(path_or_name)
     adapter = RANKED_ADAPTERS[_resolved_format(fmt, records[0], columns, RANKED_FORMATS)]
     return [ranked_row(record, adapter(record, columns)) for record in records]
-
-
-def validate_ranked_file(path: str | Path) -> int:
-    """Check every row of a ranked-answers file (format auto-detected); return the row count."""
-    return len(load_ranked_rows(path))

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config import LoraConfig, Section, StageConfig
 from pipeline.world.cache import WorldSection
+from pipeline.world.evaluation import GoldEvalSection
 
 
 class ModelSection(Section):
@@ -90,13 +91,9 @@ class EmaSection(Section):
                          "instead of the last iterate (InstructGPT 0.992); 0 = off")
 
 
-class EvalSection(Section):
-    prompts_file: str | None = Field(None, description="JSONL of {prompt} for the gold eval; "
-                                     "empty = the world's eval_prompts.jsonl")
-    n_prompts: int = Field(64, ge=0, description="prompts in the gold eval at start and end "
-                           "(and every train.eval_every steps); 0 skips it")
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+class EvalSection(GoldEvalSection):
+    """The gold eval, run at the start and end (and every train.eval_every steps)."""
+
     sampled_answers: int = Field(0, ge=0, description="also score this many answers per prompt "
                                  "sampled as in training (generation.temperature, top_k, top_p), "
                                  "logged as gold_sampled/...: PPO optimizes the sampled answers, "

@@ -10,7 +10,6 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.generation import SamplingConfig
 from pipeline.world.evaluation import gold_eval, gold_metrics
 from stages.ppo.config import Config
 from stages.ppo.experience import Experience
@@ -25,8 +24,7 @@ def measure_gold(policy, tokenizer, prompts: list[str], config: Config) -> dict[
     0 = greedy) and, when eval.sampled_answers > 0, `gold_sampled` (that many answers per prompt,
     sampled with the rollout's settings)."""
     evaluation, generation = config.eval, config.generation
-    sampling = SamplingConfig(max_new_tokens=evaluation.max_new_tokens,
-                              temperature=evaluation.temperature)
+    sampling = evaluation.sampling()
     summaries = {"gold": gold_eval(policy, tokenizer, prompts, sampling, seed=config.seed)}
     if evaluation.sampled_answers:
         repeated = [prompt for prompt in prompts for _ in range(evaluation.sampled_answers)]

@@ -44,7 +44,6 @@ import torch
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import read_jsonl, read_text_corpus
 from pipeline.data.packing import pack_blocks
-from pipeline.data.prompts import read_prompts
 from pipeline.errors import UserError
 from pipeline.loop import step_indices
 from pipeline.guard import check_eos, require_causal_lm
@@ -106,12 +105,9 @@ def load_inputs(config: Config, registry: Registry, parents: dict[str, Resolved]
     prompts_file = config.data.prompts_file or str(world_file(registry, config.data.world,
                                                               "ppo_prompts.jsonl"))
     prompts, prompt_texts, counts = encode_prompts(tokenizer, prompts_file, config.data)
-    eval_file = None
-    eval_prompts: list[str] = []
-    if config.eval.n_prompts:
-        eval_file = config.eval.prompts_file or str(world_file(registry, config.data.world,
-                                                               "eval_prompts.jsonl"))
-        eval_prompts = read_prompts(eval_file, config.eval.n_prompts)
+    eval_file = (config.eval.prompts_path(registry, config.data.world)
+                 if config.eval.n_prompts else None)
+    eval_prompts = config.eval.prompts(registry, config.data.world)
     ptx_files = ptx_sources(config, registry)
     ptx_texts = read_text_corpus(ptx_files, config.ptx.text_field) if ptx_files else []
     return Inputs(tokenizer=tokenizer, start_policy=start_policy, reward_model=reward_model,

@@ -98,13 +98,21 @@ def test_sft_moves_every_parameter_records_lineage_and_resumes_exactly(tmp_path,
     assert_same_weights(trained, model_weights(resumed["model_path"]))
     assert Registry(homes[1]).get(resumed["run"]).summary == summary
 
-    # With no --prompts: the embedded world's eval prompts, generated into the home's data cache.
+    # gold-score of an SFT run repeats the stage's own gold eval (its prompts, count and answer
+    # length), so the numbers agree; a model without a gold eval gets the world's eval prompts.
     capsys.readouterr()
-    assert main(["--home", str(homes[0]), "data", "gold-score", "sft:latest", "--n", "3",
-                 "--json"]) == 0
+    assert main(["--home", str(homes[0]), "data", "gold-score", "sft:latest", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert (report["prompts"], report["prompts_file"], report["max_new_tokens"]) == \
+        (2, str(PROMPTS), 6)
+    assert report["mean_gold_score"] == pytest.approx(summary["gold/mean_gold_score"], abs=1e-9)
+    assert report["format_adherence"] == pytest.approx(summary["gold/format_adherence"], abs=1e-9)
+    assert main(["--home", str(homes[0]), "data", "gold-score", "pretrain:latest", "--n", "3",
+                 "--max-new-tokens", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompts_file"].endswith("eval_prompts.jsonl") and report["prompts"] == 3
     assert {"mean_gold_score", "count_accuracy", "mean_length", "samples"} <= report.keys()
-    assert report["prompts"] == 3 and len(report["samples"]) == 3
+    assert len(report["samples"]) == 3 and report["max_new_tokens"] == 5
 
 
 def test_lora_resumes_exactly_and_merged_export_matches_the_adapter(tmp_path, pretrained_home):

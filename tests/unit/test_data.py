@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.data import formats as data
 from pipeline.data.fingerprint import fingerprint_files
+from pipeline.data.validate import READERS, validate
 from pipeline.errors import UserError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "data"
@@ -425,8 +426,44 @@ def test_ranked_fixture_loads_to_expected_rows(fmt, requested):
     assert rows == RANKED_EXPECTED[fmt]
 
 
-def test_validate_ranked_file_counts_rows():
-    assert data.validate_ranked_file(FIXTURES / "reward_ranked.jsonl") == 3
+@pytest.mark.parametrize("name, stages", [
+    ("reward_ranked.jsonl", {"reward": 3, "ppo": 3}),   # its prompts can also feed PPO
+    ("reward_transcripts.jsonl", {"reward": 2}),
+    ("sft_alpaca.jsonl", {"sft": 3}),
+    ("sft_messages.jsonl", {"sft": 2}),
+])
+def test_validate_names_every_stage_that_reads_a_file(name, stages):
+    fits = validate(str(FIXTURES / name))
+    assert {fit.stage: fit.rows for fit in fits} == stages
+
+
+def test_validate_reads_prompts_and_text_for_ppo_and_pretrain(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "How many legs?"}\n{"prompt": "Hi"}\n', encoding="utf-8")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Cows have four legs.\n\nBirds have two.\n", encoding="utf-8")
+    assert [(fit.stage, fit.rows) for fit in validate(str(prompts))] == [("ppo", 2)]
+    assert [fit.stage for fit in validate(str(corpus))] == ["pretrain"]
+
+
+def test_validate_a_bad_row_is_refused_even_when_another_stage_could_read_the_file(tmp_path):
+    # Its prompts alone would feed PPO, but the file is ranked data with a broken ranking.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q", "responses": ["a", "b"], "ranking": [0, 0]}\n',
+                   encoding="utf-8")
+    for stage in (None, "reward"):
+        with pytest.raises(UserError, match=r"bad.jsonl:1: ranking repeats index 0"):
+            validate(str(bad), stage)
+    with pytest.raises(UserError, match=r"bad.jsonl:1: missing column 'text'"):
+        validate(str(bad), "pretrain")
+
+
+def test_validate_a_file_no_stage_reads_names_each_readers_problem(tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"question": "Q", "answer": "A"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="no stage can read") as err:
+        validate(str(other))
+    assert all(f"as {stage} data: " in str(err.value) for stage in READERS)
 
 
 def test_ranked_column_mapping(tmp_path):
