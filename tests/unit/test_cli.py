@@ -144,8 +144,10 @@ def test_bad_input_leaves_the_registry_home_unchanged(bad_input_outcomes):
     assert before and after == before
 
 
-def test_registry_command_without_a_registry(run_cli, home):
-    returncode, stdout, stderr = run_cli(["registry", "show", "pretrain:latest"], home)
+@pytest.mark.parametrize("command", [["registry", "show", "pretrain:latest"],
+                                     ["report", "pipeline:latest"]])
+def test_command_without_a_registry_names_the_rlhf_home_it_looked_in(run_cli, home, command):
+    returncode, stdout, stderr = run_cli(command, home)  # the home comes from RLHF_HOME
     assert_one_line_error(returncode, stdout, stderr)
     assert f"no registry at {home}" in stderr
     assert not home.exists()
