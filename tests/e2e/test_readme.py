@@ -43,10 +43,11 @@ def readme_commands() -> list[str]:
     return commands
 
 
-def test_readme_opens_with_the_two_commands():
+def test_readme_opens_with_title_pitch_and_the_two_commands():
     text = README.read_text(encoding="utf-8")
     first = bash_blocks(text)[0]
-    assert text.startswith("```bash\n")
+    title, pitch = text.split("```bash\n")[0].strip().split("\n", 1)
+    assert title == "# rlhf-pipeline" and pitch.strip() and "#" not in pitch
     assert [line.split("#")[0].strip() for line in first.splitlines()] == ["make demo", "make test"]
     assert all("#" in line for line in first.splitlines())  # each says what it does
 
