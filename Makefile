@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
+# Where the CPU torch comes from: empty = pip's configured indexes; on Linux, PyPI's torch is the
+# CUDA build, so a machine without a GPU says TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-learning fuzz install browser clean
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/python -m pip install -q 'torch>=2.6'; \
 	else \
-		$(BIN)/python -m pip install -q $(CPU_TORCH); \
+		$(BIN)/python -m pip install -q $(CPU_TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
