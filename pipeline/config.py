@@ -13,7 +13,8 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
@@ -62,11 +63,11 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     eval_every: int = Field(0, ge=0, description="steps between evals; 0 = only at the end")
     eval_batches: int = Field(8, ge=1, description="batches per evaluation")
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="steps between logged metrics")
 
 
 class CheckpointConfig(Section):
@@ -78,7 +79,8 @@ class RuntimeConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 where the device supports it, fp32 on CPU")
     cpu: bool = Field(False, description="force the CPU even when a GPU is present")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="trackers that also receive every logged metric")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     trust_remote_code: bool = Field(False, description="allow code shipped in model directories")
 
@@ -98,18 +100,20 @@ def remote_code_warning() -> None:
 
 
 class LoraConfig(Section):
-    enabled: bool = False
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    enabled: bool = Field(False, description="train a LoRA adapter instead of every weight")
+    r: int = Field(8, ge=1, description="rank of the adapter's low-rank matrices")
+    alpha: int = Field(16, ge=1, description="scaling: the update is multiplied by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="names of the linear layers that get an adapter")
 
 
 class StageConfig(Section):
     """Fields every stage has; each stage subclasses it with its own sections."""
 
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of initialization, data order "
+                      "and sampling")
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -287,3 +291,53 @@ def to_yaml(config: BaseModel) -> str:
 
 def to_dict(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
+
+
+# -- help for every key (`rlhf config show STAGE --explain`) --------------------------------------
+
+
+def config_keys(config_cls: type[BaseModel], prefix: str = ""):
+    """Every leaf key of a config, depth first, as (dotted key, its pydantic field)."""
+    for name, field in config_cls.model_fields.items():
+        if _is_section(field.annotation):
+            yield from config_keys(field.annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def _is_section(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def type_name(annotation) -> str:
+    """A field's type as a user reads it: `int`, `float or null`, `auto|fp32`, `list of str`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(arg) for arg in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else type_name(arg) for arg in args)
+    if origin is list:
+        return f"list of {type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {type_name(args[0])} to {type_name(args[1])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def explain(config: BaseModel) -> str:
+    """Every key of a resolved config: its type, its value, its default when the value differs,
+    and its description, two lines per key."""
+    resolved = config.model_dump(mode="json")
+    lines = []
+    for key, field in config_keys(type(config)):
+        value = functools.reduce(lambda node, part: node[part], key.split("."), resolved)
+        default = field.get_default(call_default_factory=True)
+        note = "" if value == default else f"  (default: {_as_yaml(default)})"
+        lines.append(f"{key}: {type_name(field.annotation)} = {_as_yaml(value)}{note}")
+        lines.append(f"    {field.description}")
+    return "\n".join(lines) + "\n"
+
+
+def _as_yaml(value) -> str:
+    """A value as it is written in a config file or an override (`null`, `[a, b]`, `true`)."""
+    return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True,
+                          width=10**6).strip().removesuffix("\n...").strip()

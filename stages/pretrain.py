@@ -45,7 +45,7 @@ class DataSection(Section):
     sources: list[str] = Field(default_factory=list,
                                description="text/JSONL/Parquet files, directories or a hub data set; "
                                            "empty = the embedded world's corpus")
-    text_field: str = "text"
+    text_field: str = Field("text", description="the JSONL/Parquet column holding the text")
     world: WorldSection = Field(default_factory=WorldSection)
     seq_len: int = Field(128, ge=8, description="tokens per packed block")
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of blocks held out")

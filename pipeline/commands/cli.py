@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+from pipeline import __version__
 from pipeline.errors import EXIT_USER_ERROR, UserError, run_command
 from pipeline.guard import (max_new_tokens_option, number_option, seed_option, temperature_option,
                             top_k_option)
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="rlhf", description="The InstructGPT recipe: "
                     "pretrain → sft → reward → ppo, with one checkpoint registry.")
     parser.add_argument("--home", help="registry home (default: $RLHF_HOME or ./runs)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND",
                                      parser_class=_with_parents(home))
     _add_run(commands)
@@ -107,6 +110,11 @@ def _load_stage_config(stage_name: str, config_path: str | None, overrides: list
     return module, load_config(module.Config, config_path, overrides)
 
 
+REF_HELP = "run id, STAGE:latest or alias"
+MODEL_REF_HELP = "model reference (run id, STAGE:latest, alias, pipeline, directory or hub name)"
+JSON_HELP = "print JSON instead of text"
+
+
 # -- rlhf run -----------------------------------------------------------------------------------
 def _add_run(commands) -> None:
     run = commands.add_parser("run", help="run one stage", description="Run one stage. Re-running "
@@ -133,17 +141,21 @@ def _cmd_run(args) -> int:
 def _add_config(commands) -> None:
     config = commands.add_parser("config", help="show resolved configs")
     sub = config.add_subparsers(title="config commands", metavar="ACTION")
-    show = sub.add_parser("show", help="print the resolved config of a stage")
+    show = sub.add_parser("show", help="print the resolved config of a stage",
+                          description="Print a stage's config with every default filled in, "
+                          "checked as `rlhf run` checks it.")
     show.add_argument("stage", help=f"one of: {', '.join(_stage_names())}")
-    show.add_argument("--config", help="stage YAML")
-    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.add_argument("--config", help="stage YAML (default: the stage's built-in defaults)")
+    show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    show.add_argument("--explain", action="store_true", help="every key with its type, value, "
+                      "default and what it does")
     show.set_defaults(handler=_cmd_config_show)
 
 
 def _cmd_config_show(args) -> int:
-    from pipeline.config import to_yaml
+    from pipeline.config import explain, to_yaml
     _, config = _load_stage_config(args.stage, args.config, args.overrides)
-    print(to_yaml(config), end="")
+    print(explain(config) if args.explain else to_yaml(config), end="")
     return 0
 
 
@@ -152,27 +164,27 @@ def _add_registry(commands) -> None:
     registry = commands.add_parser("registry", help="inspect and manage the checkpoint registry")
     sub = registry.add_subparsers(title="registry commands", metavar="ACTION")
     ls = sub.add_parser("ls", help="list runs")
-    ls.add_argument("--stage")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--stage", help="only runs of this stage")
+    ls.add_argument("--json", action="store_true", help=JSON_HELP)
     ls.set_defaults(handler=_cmd_registry_ls)
     show = sub.add_parser("show", help="one run in full")
-    show.add_argument("ref")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("ref", help=REF_HELP)
+    show.add_argument("--json", action="store_true", help=JSON_HELP)
     show.set_defaults(handler=_cmd_registry_show)
     lineage = sub.add_parser("lineage", help="a run and its ancestors")
-    lineage.add_argument("ref")
-    lineage.add_argument("--json", action="store_true")
+    lineage.add_argument("ref", help=REF_HELP)
+    lineage.add_argument("--json", action="store_true", help=JSON_HELP)
     lineage.set_defaults(handler=_cmd_registry_lineage)
     verify = sub.add_parser("verify", help="check every file against its manifest")
-    verify.add_argument("ref", nargs="?")
+    verify.add_argument("ref", nargs="?", help="only this run (default: every run)")
     verify.set_defaults(handler=_cmd_registry_verify)
     rm = sub.add_parser("rm", help="remove a run and its files")
-    rm.add_argument("ref")
+    rm.add_argument("ref", help=REF_HELP)
     rm.add_argument("--force", action="store_true", help="even if other runs depend on it")
     rm.set_defaults(handler=_cmd_registry_rm)
     alias = sub.add_parser("alias", help="give a run a name usable as a reference")
-    alias.add_argument("name")
-    alias.add_argument("ref")
+    alias.add_argument("name", help="the new name (usable wherever a reference is)")
+    alias.add_argument("ref", help=REF_HELP)
     alias.set_defaults(handler=_cmd_registry_alias)
 
 
@@ -267,9 +279,10 @@ def _add_data(commands) -> None:
     data = commands.add_parser("data", help="the embedded world: generate data, gold-score a model")
     sub = data.add_subparsers(title="data commands", metavar="ACTION")
     world = sub.add_parser("world", help="write the world's data files (deterministic)")
-    world.add_argument("--out", required=True)
-    world.add_argument("--seed", type=seed_option, default=0)
-    world.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    world.add_argument("--out", required=True, help="directory to write the files into")
+    world.add_argument("--seed", type=seed_option, default=0, help="the world's seed")
+    world.add_argument("--size", choices=["tiny", "small"], default="tiny",
+                       help="tiny (the tiny recipe's world) or small (a larger one)")
     world.add_argument("--k", type=int, default=4, help="answers per ranked prompt (2-9)")
     world.set_defaults(handler=_cmd_data_world)
     validate = sub.add_parser("validate", help="check a data file row by row; say which stages "
@@ -288,7 +301,7 @@ def _add_data(commands) -> None:
                       help="0 = greedy (default: the run's eval.temperature, else 0)")
     gold.add_argument("--max-new-tokens", type=number_option(int, low=1),
                       help="answer length limit (default: the run's eval.max_new_tokens, else 64)")
-    gold.add_argument("--json", action="store_true")
+    gold.add_argument("--json", action="store_true", help=JSON_HELP)
     gold.set_defaults(handler=_lazy("pipeline.commands.gold_score", "cmd_gold_score"))
 
 
@@ -297,13 +310,13 @@ def _add_score(commands) -> None:
                                 description="Score answers with a reward model: a table for "
                                 "--prompt/--response, or accuracy and disagreements for --data.")
     score.add_argument("ref", help="reward model reference (registry or path)")
-    score.add_argument("--prompt")
+    score.add_argument("--prompt", help="the prompt the --response answers answer")
     score.add_argument("--response", action="append", default=[], help="repeat for each answer")
     score.add_argument("--data", help="ranked JSONL file (any accepted reward format)")
     score.add_argument("--worst", type=number_option(int, low=0), default=5,
                        help="prompts shown where the model disagrees most with the labels")
     score.add_argument("--plot", help="write a PNG of the score distribution per rank")
-    score.add_argument("--json", action="store_true")
+    score.add_argument("--json", action="store_true", help=JSON_HELP)
     score.set_defaults(handler=_lazy("pipeline.commands.score", "cmd_score"))
 
 
@@ -312,14 +325,16 @@ def _add_pipeline(commands) -> None:
     sub = pipe.add_subparsers(title="pipeline commands", metavar="ACTION")
     run = sub.add_parser("run", help="run pretrain → sft → reward → ppo (reusing finished stages)")
     run.add_argument("config", help="pipeline YAML, e.g. configs/tiny/pipeline.yaml")
-    run.add_argument("overrides", nargs="*", metavar="key=value")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="STAGE.KEY=VALUE overrides a stage's config, KEY=VALUE the pipeline's")
     run.add_argument("--from", dest="from_stage", help="start at this stage")
     run.add_argument("--only", help="run only this stage")
     run.add_argument("--restart", action="store_true", help="train every selected stage anew")
     run.set_defaults(handler=_lazy("pipeline.commands.chain", "cmd_pipeline_run"))
     resume = commands.add_parser("resume", help="continue the most recent interrupted run or "
                                  "pipeline (or the one named)")
-    resume.add_argument("run", nargs="?")
+    resume.add_argument("run", nargs="?", help="run or pipeline id (default: the most recent "
+                        "interrupted one)")
     resume.set_defaults(handler=_lazy("pipeline.commands.chain", "cmd_resume"))
     report = commands.add_parser("report", help="a report card (Markdown, PNG plots, HTML)")
     report.add_argument("ref", help="a pipeline or run reference")
@@ -329,22 +344,24 @@ def _add_pipeline(commands) -> None:
 
 def _add_checkpoint_tools(commands) -> None:
     chat = commands.add_parser("chat", help="talk to a checkpoint in the terminal")
-    chat.add_argument("ref")
+    chat.add_argument("ref", help=MODEL_REF_HELP)
     chat.add_argument("--reward", help="show this reward model's score of each answer")
     chat.add_argument("--temperature", type=temperature_option, default=0.7, help="0 = greedy")
     chat.add_argument("--top-k", type=top_k_option, default=0, help="0 = off")
-    chat.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96)
+    chat.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96,
+                      help="answer length limit")
     chat.set_defaults(handler=_lazy("pipeline.commands.chat", "cmd_chat"))
     generate = commands.add_parser("generate", help="sample answers for scripts")
-    generate.add_argument("ref")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("ref", help=MODEL_REF_HELP)
+    generate.add_argument("--prompt", required=True, help="the prompt to answer")
     generate.add_argument("--n", type=number_option(int, low=1, high=100_000), default=1,
                           help="answers to sample")
     generate.add_argument("--temperature", type=temperature_option, default=0.7, help="0 = greedy")
     generate.add_argument("--top-k", type=top_k_option, default=0, help="0 = off")
-    generate.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96)
-    generate.add_argument("--seed", type=seed_option, default=0)
-    generate.add_argument("--json", action="store_true")
+    generate.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96,
+                          help="answer length limit")
+    generate.add_argument("--seed", type=seed_option, default=0, help="sampling seed")
+    generate.add_argument("--json", action="store_true", help=JSON_HELP)
     generate.set_defaults(handler=_lazy("pipeline.commands.chat", "cmd_generate"))
     label = commands.add_parser(
         "label", help="rank sampled answers in a local web page (reward data), and chat",
@@ -362,10 +379,12 @@ def _add_checkpoint_tools(commands) -> None:
                        ".chat.jsonl)")
     label.add_argument("--k", type=number_option(int, low=2, high=9), default=4,
                        help="answers per prompt (2-9: keys 1..9 place them)")
-    label.add_argument("--temperature", type=temperature_option, default=1.0)
+    label.add_argument("--temperature", type=temperature_option, default=1.0,
+                       help="sampling temperature of the answers")
     label.add_argument("--top-k", type=top_k_option, default=0, help="0 = off")
-    label.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96)
-    label.add_argument("--seed", type=seed_option, default=0)
+    label.add_argument("--max-new-tokens", type=max_new_tokens_option, default=96,
+                       help="answer length limit")
+    label.add_argument("--seed", type=seed_option, default=0, help="sampling seed")
     label.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
                        "machine only); any other serves a team: the page needs the secret token "
                        "of the link printed at start, and every row names its labeler")
@@ -376,8 +395,8 @@ def _add_checkpoint_tools(commands) -> None:
                        help="0 picks a free port")
     label.set_defaults(handler=_lazy("pipeline.commands.label.server", "cmd_label"))
     export = commands.add_parser("export", help="write a checkpoint as a plain HF directory")
-    export.add_argument("ref")
-    export.add_argument("out")
+    export.add_argument("ref", help=MODEL_REF_HELP)
+    export.add_argument("out", help="directory to write")
     export.add_argument("--merge", action="store_true", help="fold a LoRA adapter into the weights")
     export.set_defaults(handler=_lazy("pipeline.commands.export", "cmd_export"))
 

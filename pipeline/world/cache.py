@@ -11,6 +11,8 @@ import fcntl
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from pipeline.config import Section
 from pipeline.registry import Registry, commit_directory, directory_problems
 from pipeline.world.farm import write_world
@@ -19,8 +21,9 @@ from pipeline.world.farm import write_world
 class WorldSection(Section):
     """The embedded world used when a stage names no data files."""
 
-    seed: int = 0
-    size: Literal["tiny", "small"] = "tiny"
+    seed: int = Field(0, description="the world's seed (its animals, prompts and answers)")
+    size: Literal["tiny", "small"] = Field("tiny", description="tiny (the tiny recipe) or small "
+                                           "(more animals and prompts)")
 
 
 def world_dir(registry: Registry, world: WorldSection) -> Path:

@@ -81,7 +81,7 @@ class PtxSection(Section):
     coef: float = Field(0.0, ge=0, description="γ of PPO-ptx (InstructGPT 27.8); 0 = off")
     files: list[str] = Field(default_factory=list, description="pretraining text; empty = the "
                              "embedded world's pretrain.jsonl")
-    text_field: str = "text"
+    text_field: str = Field("text", description="the JSONL/Parquet column holding the text")
     batch_size: int = Field(4, ge=1, description="pretraining blocks per micro-batch")
     seq_len: int = Field(128, ge=8, description="tokens per pretraining block")
 

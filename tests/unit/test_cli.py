@@ -59,6 +59,29 @@ def test_help_of_every_command(run_cli, home, command):
     assert stdout.startswith(f"usage: {' '.join(('rlhf',) + command)}")
 
 
+def test_every_argument_and_command_has_help_text():
+    """`--help` explains every option, positional argument and sub-command of every command."""
+    silent = []
+    for command in command_paths(build_parser()):
+        parser = build_parser()
+        for name in command:
+            parser = next(action.choices[name] for action in parser._actions
+                          if isinstance(action, argparse._SubParsersAction))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                silent += [(*command, sub.dest) for sub in action._choices_actions
+                           if not sub.help]
+            elif not action.help:
+                silent.append((*command, action.dest))
+    assert not silent, f"arguments without help text: {silent}"
+
+
+def test_version(run_cli, home):
+    import pipeline
+    returncode, stdout, stderr = run_cli(["--version"], home)
+    assert (returncode, stdout, stderr) == (0, f"rlhf {pipeline.__version__}\n", "")
+
+
 def test_parser_imports_no_torch():
     code = ("import sys; from pipeline.commands.cli import build_parser; build_parser(); "
             "print('torch' in sys.modules)")
@@ -78,6 +101,18 @@ def test_config_show_prints_the_resolved_yaml(run_cli, home):
     assert shown["train"]["max_steps"] == 300  # from the file
     assert shown["train"]["log_every"] == 1    # a default the file does not set
     assert not home.exists()  # showing a config touches no registry
+
+
+def test_config_show_explain_lists_every_key(run_cli, home):
+    from pipeline.config import config_keys
+    from stages.ppo import Config
+    returncode, stdout, stderr = run_cli(
+        ["config", "show", "ppo", "--config", "configs/tiny/ppo.yaml", "--explain"], home)
+    assert (returncode, stderr) == (0, "")
+    keys = [line.split(":")[0] for line in stdout.splitlines() if not line.startswith(" ")]
+    assert keys == [key for key, _ in config_keys(Config)]
+    assert "kl.coef: float = 0.05\n    β of the per-token KL penalty" in stdout
+    assert "train.max_steps: int = 40  (default: 100)\n    optimizer steps to run" in stdout
 
 
 # --- bad input: exit 2, one line, registry untouched ----------------------------------------------

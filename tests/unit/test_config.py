@@ -7,6 +7,7 @@ the shipped-YAML and stage-contract tests import the real stage modules.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from pydantic import Field
@@ -16,9 +17,12 @@ from pipeline.config import (
     StageConfig,
     apply_override,
     config_hash,
+    config_keys,
+    explain,
     load_config,
     read_yaml,
     to_yaml,
+    type_name,
 )
 from pipeline.errors import UserError
 from stages import STAGES
@@ -247,3 +251,43 @@ def test_every_stage_has_module_config_run_and_tiny_yaml(name):
     for role, upstream in STAGES[name].inputs.items():
         assert upstream in earlier, f"stage {name}'s input {role} comes from {upstream}, which is " \
             f"not a stage before it"
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_config_key_has_a_description(name):
+    """`rlhf config show STAGE --explain` is the reference of every key: none may go unexplained."""
+    undescribed = [key for key, field in config_keys(STAGES[name].load().Config)
+                   if not (field.description or "").strip()]
+    assert not undescribed, f"keys of {name} without a description: {undescribed}"
+
+
+# --- explain ---------------------------------------------------------------------------------------
+
+
+def test_type_names_read_as_a_user_writes_values():
+    assert type_name(int) == "int"
+    assert type_name(float | None) == "float or null"
+    assert type_name(Literal["auto", "fp32"]) == "auto|fp32"
+    assert type_name(list[Literal["a", "b"]]) == "list of a|b"
+    assert type_name(dict[str, str]) == "mapping of str to str"
+
+
+class ExplainedSection(Section):
+    steps: int = Field(10, description="how many steps")
+    stop: list[str] = Field(default_factory=list, description="stop strings")
+    source: str | None = Field(None, description="where from")
+
+
+class ExplainedConfig(Section):
+    train: ExplainedSection = Field(default_factory=ExplainedSection)
+    mode: Literal["fast", "slow"] = Field("fast", description="speed")
+
+
+def test_explain_gives_every_key_its_type_value_default_and_description():
+    config = load_config(ExplainedConfig, None, ["train.steps=3", "train.stop=[END]"])
+    assert explain(config).splitlines() == [
+        "train.steps: int = 3  (default: 10)", "    how many steps",
+        "train.stop: list of str = [END]  (default: [])", "    stop strings",
+        "train.source: str or null = null", "    where from",
+        "mode: fast|slow = fast", "    speed",
+    ]
