@@ -19,13 +19,13 @@ The reward stage, PPO, `rlhf score`, `rlhf chat --reward` and the labeling page 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from pipeline import console
 from pipeline.data.packing import right_pad
 from pipeline.errors import UserError
 from pipeline.guard import REWARD_MARKER, require_reward_model
@@ -160,7 +160,7 @@ def score_sequences(model, seqs: list[list[int]], batch_size: int = 32,
     scores = [0.0] * len(seqs)
     was_training = model.training
     model.eval()
-    bar = _progress_bar(len(seqs), progress)
+    bar = console.progress(len(seqs), "score", unit="answer", enabled=progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         input_ids, attention_mask = right_pad([seqs[i] for i in chunk], pad_id)
@@ -171,12 +171,6 @@ def score_sequences(model, seqs: list[list[int]], batch_size: int = 32,
     bar.close()
     model.train(was_training)
     return scores
-
-
-def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="score", unit="answer", file=sys.stderr, dynamic_ncols=True,
-                disable=not enabled or os.environ.get("RLHF_NO_PROGRESS") == "1")
 
 
 def context_length(model, tokenizer) -> int:

@@ -29,6 +29,7 @@ from transformers.utils import logging as transformers_logging
 
 import pipeline
 from pipeline.config import RuntimeConfig, StageConfig, config_hash, to_dict
+from pipeline.console import info, progress
 from pipeline.errors import UserError
 from pipeline.registry import (Registry, Resolved, Run, commit_directory, directory_problems,
                                list_states)
@@ -131,7 +132,7 @@ class StageRun:
 
     def say(self, message: str) -> None:
         if self.is_main:
-            print(message, file=sys.stderr, flush=True)
+            info(message)
 
     # -- metrics ------------------------------------------------------------------------------
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -142,10 +143,7 @@ class StageRun:
             self.accelerator.log(values, step=step)
 
     def progress(self, total: int, desc: str):
-        from tqdm.auto import tqdm
-        return tqdm(total=total, initial=self.start_step, desc=desc, unit="step",
-                    disable=not self.is_main or os.environ.get("RLHF_NO_PROGRESS") == "1",
-                    dynamic_ncols=True, file=sys.stderr)
+        return progress(total, desc, initial=self.start_step, enabled=self.is_main)
 
     # -- resume states ------------------------------------------------------------------------
     def save_state(self, step: int, *, models: dict[str, Any], optimizers: dict[str, Any],
@@ -238,8 +236,8 @@ def _decide(stage, config, digest, registry, parents, data_fingerprint, restart,
     """New run, resume or reuse. Runs on the main process only; returns [run_id, resume, reused]."""
     previous = None if restart else registry.find_matching(stage, digest, data_fingerprint, parents)
     if previous is not None and previous.status == "completed":
-        print(f"{stage}: reusing completed run {previous.id} (same config, parents and data; "
-              f"--restart trains again)", file=sys.stderr)
+        info(f"{stage}: reusing completed run {previous.id} (same config, parents and data; "
+             f"--restart trains again)")
         return [previous.id, None, True]
     if previous is not None:
         clear_debris(registry.run_dir(previous.id))
@@ -247,12 +245,12 @@ def _decide(stage, config, digest, registry, parents, data_fingerprint, restart,
         registry.claim(previous.id)
         registry.truncate_metrics(previous.id, resume.step if resume else -1)
         where = f"step {resume.step}" if resume else "the start (no committed state)"
-        print(f"{stage}: resuming {previous.id} from {where}", file=sys.stderr)
+        info(f"{stage}: resuming {previous.id} from {where}")
         return [previous.id, resume, False]
     run = registry.create_run(stage, to_dict(config), digest, parents=parents,
                               data_fingerprint=data_fingerprint, versions=versions(),
                               pipeline_id=pipeline_id)
-    print(f"{stage}: new run {run.id}", file=sys.stderr)
+    info(f"{stage}: new run {run.id}")
     return [run.id, None, False]
 
 

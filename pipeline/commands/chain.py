@@ -28,7 +28,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 from pydantic import Field, create_model
 
+from pipeline.console import info
 from pipeline.config import (Section, StageConfig, apply_override, config_hash, read_yaml, to_dict,
                              validate)
 from pipeline.errors import UserError
@@ -220,7 +220,7 @@ def plan_from_run(run: Run) -> Plan:
 # -- executing a plan -----------------------------------------------------------------------------
 def say(message: str) -> None:
     if is_main_process():
-        print(message, file=sys.stderr, flush=True)
+        info(message)
 
 
 def execute(plan: Plan, registry: Registry, *, restart: bool = False) -> Run | None:

@@ -13,6 +13,7 @@ import sys
 import time
 
 from pipeline import __version__
+from pipeline.console import set_verbosity
 from pipeline.errors import EXIT_USER_ERROR, UserError, run_command
 from pipeline.guard import (max_new_tokens_option, number_option, seed_option, temperature_option,
                             top_k_option)
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    if getattr(args, "verbosity", None):
+        set_verbosity(args.verbosity)
     return run_command(lambda: args.handler(args))
 
 
@@ -43,17 +46,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # --home is accepted before or after the command (`rlhf registry ls --home DIR`).
-    home = argparse.ArgumentParser(add_help=False)
-    home.add_argument("--home", default=argparse.SUPPRESS,
-                      help="registry home (default: $RLHF_HOME or ./runs)")
+    # The global options are accepted before or after the command (`rlhf registry ls --home DIR`).
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, default=argparse.SUPPRESS)
     parser = Parser(prog="rlhf", description="The InstructGPT recipe: "
                     "pretrain → sft → reward → ppo, with one checkpoint registry.")
-    parser.add_argument("--home", help="registry home (default: $RLHF_HOME or ./runs)")
+    _add_global_options(parser, default=None)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the version and exit")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND",
-                                     parser_class=_with_parents(home))
+                                     parser_class=_with_parents(common))
     _add_run(commands)
     _add_config(commands)
     _add_registry(commands)
@@ -64,11 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _with_parents(home: argparse.ArgumentParser):
-    """Sub-parsers of every depth get the shared --home option and the one-line error style."""
+def _add_global_options(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--home", default=default,
+                        help="registry home (default: $RLHF_HOME or ./runs)")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="quiet",
+                          default=default, help="no progress and no messages about what is "
+                          "done; warnings, errors and results only")
+    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const",
+                          const="verbose", default=default, help="a progress line per step when "
+                          "stderr is not a terminal, and the libraries' INFO messages")
+
+
+def _with_parents(common: argparse.ArgumentParser):
+    """Sub-parsers of every depth get the global options and the one-line error style."""
     class SubParser(Parser):
         def __init__(self, *args, **kwargs):
-            kwargs["parents"] = [*kwargs.get("parents", []), home]
+            kwargs["parents"] = [*kwargs.get("parents", []), common]
             super().__init__(*args, **kwargs)
 
         def add_subparsers(self, **kwargs):
