@@ -80,9 +80,24 @@ class RuntimeConfig(Section):
         "auto", description="auto = bf16 where the device supports it, fp32 on CPU")
     cpu: bool = Field(False, description="force the CPU even when a GPU is present")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=list, description="trackers that also receive every logged metric")
+        default_factory=list, description="trackers that also receive every logged metric and "
+        "the config, under HOME/trackers/ (wandb offline unless WANDB_MODE is set; mlflow in "
+        "HOME/trackers/mlflow.db unless MLFLOW_TRACKING_URI is set)")
+    tracker_project: str = Field("rlhf-pipeline", min_length=1, description="the wandb project "
+                                 "and MLflow experiment the runs are filed under")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     trust_remote_code: bool = Field(False, description="allow code shipped in model directories")
+
+    @model_validator(mode="after")
+    def _trackers_installed(self) -> "RuntimeConfig":
+        # Checked as the config is read, so a run fails before it trains or writes anything.
+        from pipeline.trackers import missing_tracker
+        missing = missing_tracker(self.report_to)
+        if missing:
+            raise ValueError(f"runtime.report_to names {missing}, whose package is not "
+                             f"installed; pip install 'rlhf-pipeline[{missing}]', or remove it "
+                             f"from runtime.report_to")
+        return self
 
     @model_validator(mode="after")
     def _warn_on_remote_code(self) -> "RuntimeConfig":
@@ -305,6 +320,13 @@ def config_keys(config_cls: type[BaseModel], prefix: str = ""):
             yield f"{prefix}{name}", field
 
 
+def leaf_values(config: BaseModel) -> dict[str, Any]:
+    """A config's values by dotted key (`train.lr`), as JSON types, in `config_keys` order."""
+    resolved = config.model_dump(mode="json")
+    return {key: functools.reduce(lambda node, part: node[part], key.split("."), resolved)
+            for key, _ in config_keys(type(config))}
+
+
 def _is_section(annotation) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
@@ -326,10 +348,10 @@ def type_name(annotation) -> str:
 def explain(config: BaseModel) -> str:
     """Every key of a resolved config: its type, its value, its default when the value differs,
     and its description, two lines per key."""
-    resolved = config.model_dump(mode="json")
+    values = leaf_values(config)
     lines = []
     for key, field in config_keys(type(config)):
-        value = functools.reduce(lambda node, part: node[part], key.split("."), resolved)
+        value = values[key]
         default = field.get_default(call_default_factory=True)
         note = "" if value == default else f"  (default: {_as_yaml(default)})"
         lines.append(f"{key}: {type_name(field.annotation)} = {_as_yaml(value)}{note}")

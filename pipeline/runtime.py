@@ -28,11 +28,12 @@ from huggingface_hub.utils import disable_progress_bars
 from transformers.utils import logging as transformers_logging
 
 import pipeline
-from pipeline.config import RuntimeConfig, StageConfig, config_hash, to_dict
+from pipeline.config import RuntimeConfig, StageConfig, config_hash, leaf_values, to_dict
 from pipeline.console import info, progress
 from pipeline.errors import UserError
 from pipeline.registry import (Registry, Resolved, Run, commit_directory, directory_problems,
                                list_states)
+from pipeline.trackers import Trackers
 
 # Saving or loading a checkpoint is not a long task worth its own bar; stage progress bars are ours.
 disable_progress_bars()
@@ -46,8 +47,8 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Accelerator:
-    """One place builds the Accelerator (precision policy, trackers)."""
+def make_accelerator(cfg: RuntimeConfig) -> Accelerator:
+    """One place builds the Accelerator (device, precision policy)."""
     precision = cfg.precision
     if precision == "auto":
         use_bf16 = torch.cuda.is_available() and not cfg.cpu and torch.cuda.is_bf16_supported()
@@ -57,8 +58,6 @@ def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Acceler
         cpu=cfg.cpu or not torch.cuda.is_available(),
         mixed_precision="no" if precision == "fp32" else precision,
         dynamo_backend="inductor" if cfg.compile else "no",
-        log_with=list(cfg.report_to) or None,
-        project_dir=str(run_dir / "trackers") if run_dir and cfg.report_to else None,
     )
 
 
@@ -98,6 +97,12 @@ class StageRun:
         self.config = config
         self.resume = resume
         self.reused = reused
+        self.trackers = None
+        if config.runtime.report_to and not reused and self.is_main:
+            self.trackers = Trackers(config.runtime.report_to, run_id=run.id,
+                                     project=config.runtime.tracker_project,
+                                     config={"stage": run.stage, **leaf_values(config)},
+                                     directory=registry.home / "trackers")
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -113,10 +118,7 @@ class StageRun:
                                restart, pipeline_id)
         broadcast_object_list(decision) if accelerator.num_processes > 1 else None
         run_id, resume, reused = decision
-        run = registry.get(run_id)
-        if run.config.get("runtime", {}).get("report_to") and not reused:
-            accelerator.init_trackers(run.id)
-        return cls(registry, run, accelerator, config, resume, reused)
+        return cls(registry, registry.get(run_id), accelerator, config, resume, reused)
 
     @property
     def is_main(self) -> bool:
@@ -139,8 +141,8 @@ class StageRun:
         values = {k: float(v) for k, v in values.items()}
         if self.is_main:
             self.registry.log_metrics(self.run.id, step, values)
-        if self.config.runtime.report_to:
-            self.accelerator.log(values, step=step)
+            if self.trackers:
+                self.trackers.log(step, values)
 
     def progress(self, total: int, desc: str):
         return progress(total, desc, initial=self.start_step, enabled=self.is_main)
@@ -215,8 +217,7 @@ class StageRun:
                     extra_writer(tmp)
             final = self.registry.publish(self.run.id, write, summary)
             self.say(f"published {self.run.id} → {final}")
-        if self.config.runtime.report_to:
-            self.accelerator.end_training()
+            self._finish_trackers()
         self.accelerator.wait_for_everyone()
         return final
 
@@ -230,6 +231,11 @@ class StageRun:
         if kind is not None and self.is_main:
             self.registry.set_status(self.run.id, "interrupted" if issubclass(
                 kind, KeyboardInterrupt) else "failed")
+            self._finish_trackers()
+
+    def _finish_trackers(self) -> None:
+        if self.trackers:
+            self.trackers.finish()
 
 
 def _decide(stage, config, digest, registry, parents, data_fingerprint, restart, pipeline_id):

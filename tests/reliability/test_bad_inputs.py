@@ -10,7 +10,7 @@ must still not exist, and no pickle may have run. Rows run in this process (most
 validation, before a model loads), sharing one set of model directories (`model_dirs`); a crash
 instead of a clean exit fails the row. Two faults are real where they can be: "unprivileged" runs
 the command as the user nobody (an unreadable file, a read-only home), "disk_full" makes every
-registry write fail as a full disk does.
+registry write fail as a full disk does; "no_wandb" hides an installed tracker package.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import errno
 import os
 import shutil
 import sqlite3
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,7 +155,8 @@ class Row:
     fragment: str
     home: str = "{home}"      # the registry home the command is given; "{empty}": none yet
     stage: str = "pretrain"   # the stage whose module must exist for the row to run
-    fault: str | None = None  # "unprivileged" (run as nobody) or "disk_full" (simulated ENOSPC)
+    fault: str | None = None  # "unprivileged" (run as nobody), "disk_full" (simulated ENOSPC)
+    #                           or "no_wandb" (the wandb package cannot be imported)
 
 
 def run_args(*extra: str) -> list[str]:
@@ -311,6 +313,9 @@ CATALOGUE: dict[str, list[Row]] = {
         Row("keep-last-zero", run_args("checkpoint.keep_last=0"), "checkpoint.keep_last"),
         Row("preset-unknown", run_args("model.preset=huge"), "model.preset must be"),
         Row("tracker-unknown", run_args("runtime.report_to=[comet]"), "runtime.report_to.0 must be"),
+        Row("tracker-not-installed", run_args("runtime.report_to=[tensorboard, wandb]"),
+            "runtime.report_to names wandb, whose package is not installed; pip install "
+            "'rlhf-pipeline[wandb]'", fault="no_wandb"),
         Row("bool-not-bool", run_args("runtime.trust_remote_code=maybe"),
             "runtime.trust_remote_code expects true or false"),
         Row("section-is-scalar", run_args("train=3"), "train expects a mapping"),
@@ -767,6 +772,9 @@ def fault(kind: str | None, monkeypatch):
     elif kind == "disk_full":
         with disk_full(monkeypatch):
             yield
+    elif kind == "no_wandb":
+        monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+        yield
     else:
         yield
 
