@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.console import verbosity
+
 # The module each tracker needs; `pip install rlhf-pipeline[NAME]` installs it.
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -62,18 +64,30 @@ class Trackers:
 
 
 def _start(name: str, run_id: str, project: str, directory: Path):
+    """Start one tracker. A resumed run continues its own tracker run: the same TensorBoard
+    directory, wandb run id and MLflow run."""
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
     if name == "tensorboard":
         tracker = TensorBoardTracker(run_id, directory / "tensorboard")
     elif name == "wandb":
+        import wandb
         # No network, no account: offline unless the user chose a mode.
         tracker = WandBTracker(project, name=run_id, id=run_id, dir=str(directory),
-                               mode=os.environ.get("WANDB_MODE", "offline"))
+                               mode=os.environ.get("WANDB_MODE", "offline"),
+                               settings=wandb.Settings(silent=verbosity() == "quiet"))
     else:
         import mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri(f"sqlite:///{directory / 'mlflow.db'}")
         tracker = MLflowTracker(project, logging_dir=str(directory / "mlflow-artifacts"),
-                                run_name=run_id)
+                                run_id=_mlflow_run(project, run_id), run_name=run_id)
     tracker.start()
     return tracker
+
+
+def _mlflow_run(experiment: str, run_name: str) -> str | None:
+    """The MLflow run id of an earlier start of this run (before an interruption), if any."""
+    import mlflow
+    found = mlflow.search_runs(experiment_names=[experiment], output_format="list",
+                               filter_string=f"attributes.run_name = '{run_name}'")
+    return found[0].info.run_id if found else None

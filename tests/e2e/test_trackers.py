@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT, cli_env, rlhf_command, run_json
 from pipeline.registry import Registry
+from pipeline.trackers import Trackers
 
 pytestmark = pytest.mark.e2e
 
@@ -84,6 +85,29 @@ def test_wandb_offline_run_has_the_config_and_every_metric(tracked_run):
         assert [step for step, _ in history[name]] == [step for step, _ in points], name
         assert [v for _, v in history[name]] == pytest.approx([v for _, v in points]), name
     assert (config["run"], config["stage"], config["train.max_steps"]) == (run_id, "pretrain", 3)
+
+
+def test_a_resumed_run_continues_its_mlflow_and_tensorboard_runs(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    for steps in ([1, 2], [3]):  # the first start is interrupted after step 2
+        trackers = Trackers(["tensorboard", "mlflow"], run_id="sft-1", project="farm",
+                            config={"train.lr": 0.5}, directory=tmp_path)
+        for step in steps:
+            trackers.log(step, {"loss": 1.0 / step})
+        trackers.finish()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("farm").experiment_id])
+    assert (run.info.run_name, run.data.params) == ("sft-1", {"run": "sft-1", "train.lr": "0.5"})
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(metric.step, metric.value) for metric in history] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "sft-1"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3]
+    assert [event.value for event in events.Scalars("loss")] == pytest.approx([1, 0.5, 1 / 3])
 
 
 def wandb_records(path: Path):
