@@ -97,12 +97,7 @@ class StageRun:
         self.config = config
         self.resume = resume
         self.reused = reused
-        self.trackers = None
-        if config.runtime.report_to and not reused and self.is_main:
-            self.trackers = Trackers(config.runtime.report_to, run_id=run.id,
-                                     project=config.runtime.tracker_project,
-                                     config={"stage": run.stage, **leaf_values(config)},
-                                     directory=registry.home / "trackers")
+        self.trackers: Trackers | None = None  # runtime.report_to's, on the main process
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -118,7 +113,13 @@ class StageRun:
                                restart, pipeline_id)
         broadcast_object_list(decision) if accelerator.num_processes > 1 else None
         run_id, resume, reused = decision
-        return cls(registry, registry.get(run_id), accelerator, config, resume, reused)
+        stage_run = cls(registry, registry.get(run_id), accelerator, config, resume, reused)
+        if config.runtime.report_to and not reused and stage_run.is_main:
+            stage_run.trackers = Trackers(
+                config.runtime.report_to, run_id=run_id, project=config.runtime.tracker_project,
+                config={"stage": stage, **leaf_values(config)},
+                directory=registry.home / "trackers")
+        return stage_run
 
     @property
     def is_main(self) -> bool:
