@@ -21,6 +21,24 @@ LEVELS = ("quiet", "normal", "verbose")
 LOG_LINES = 10  # progress lines per task when stderr is not a terminal (normal verbosity)
 
 
+def setup(level: str | None) -> None:
+    """Set up a command's output: the verbosity (`-q` / `-v`; None keeps RLHF_VERBOSITY or
+    normal), and the Hugging Face libraries' own bars (hub downloads, data set preparation) only
+    where ours would show. Both through the environment, which the processes a command starts
+    inherit and the libraries read when they are first imported."""
+    if level is not None:
+        set_verbosity(level)
+    if not bars_shown():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def bars_shown() -> bool:
+    """Whether progress is drawn as a live bar: stderr is a terminal and progress is wanted."""
+    return (sys.stderr.isatty() and verbosity() != "quiet"
+            and os.environ.get("RLHF_NO_PROGRESS") != "1")
+
+
 def set_verbosity(level: str) -> None:
     """Set the verbosity of this process and of those it starts (torchrun workers, stages)."""
     if level not in LEVELS:
@@ -49,11 +67,11 @@ def progress(total: int, desc: str, *, initial: int = 0, unit: str = "step",
              enabled: bool = True):
     """A progress tracker with tqdm's `update(n)`, `set_postfix(**values)` and `close()`: a bar on
     a terminal, plain lines otherwise, nothing when quiet, disabled, or RLHF_NO_PROGRESS=1."""
-    enabled = enabled and verbosity() != "quiet" and os.environ.get("RLHF_NO_PROGRESS") != "1"
-    if enabled and sys.stderr.isatty():
+    if enabled and bars_shown():
         from tqdm.auto import tqdm
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                     file=sys.stderr)
+    enabled = enabled and verbosity() != "quiet" and os.environ.get("RLHF_NO_PROGRESS") != "1"
     every = 1 if verbosity() == "verbose" else max(1, -(-total // LOG_LINES))
     return ProgressLines(total, desc, initial=initial, unit=unit, every=every, enabled=enabled)
 

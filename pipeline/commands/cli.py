@@ -12,8 +12,7 @@ import json
 import sys
 import time
 
-from pipeline import __version__
-from pipeline.console import set_verbosity
+from pipeline import __version__, console
 from pipeline.errors import EXIT_USER_ERROR, UserError, run_command
 from pipeline.guard import (max_new_tokens_option, number_option, seed_option, temperature_option,
                             top_k_option)
@@ -32,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    if getattr(args, "verbosity", None):
-        set_verbosity(args.verbosity)
+    console.setup(getattr(args, "verbosity", None))
     return run_command(lambda: args.handler(args))
 
 

@@ -4,6 +4,7 @@ verbosity that `rlhf -q` / `-v` set."""
 from __future__ import annotations
 
 import io
+import os
 import sys
 
 import pytest
@@ -73,3 +74,12 @@ def test_a_terminal_gets_a_live_bar(stderr, monkeypatch):
     bar.update(10)
     bar.close()
     assert isinstance(bar, tqdm) and "\r" in sys.stderr.getvalue()
+
+
+def test_a_log_gets_no_bars_from_the_hugging_face_libraries_either(stderr, monkeypatch):
+    for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(variable, raising=False)
+    console.setup(None)  # no -q / -v given
+    assert console.verbosity() == "normal"
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
