@@ -12,8 +12,8 @@ import functools
 import hashlib
 import json
 import sys
-from pathlib import Path
 import types
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
