@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
+from pipeline import console
 from pipeline.commands.chain import execute, plan_from_yaml
 from pipeline.commands.report import number_text, write_report
 from pipeline.errors import run_command
@@ -23,6 +24,7 @@ CONVERSATION = ("How many legs do three chickens have?", "What sound does a cow 
 
 
 def main(argv: list[str] | None = None) -> int:
+    console.setup(None)  # `make demo > log`: progress as lines, as `rlhf` writes it
     return run_command(lambda: demo(sys.argv[1:] if argv is None else argv),
                        interrupted="interrupted; run `make demo` again to continue where it stopped")
 
