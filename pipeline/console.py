@@ -27,7 +27,13 @@ def setup(level: str | None) -> None:
     where ours would show. Both through the environment, which the processes a command starts
     inherit and the libraries read when they are first imported."""
     if level is not None:
-        set_verbosity(level)
+        os.environ[VERBOSITY_ENV] = level
+    if verbosity() == "verbose":
+        import logging
+        # transformers sets its loggers' level from this variable when it is first imported.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("accelerate").setLevel(logging.INFO)
     if not bars_shown():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -37,19 +43,6 @@ def bars_shown() -> bool:
     """Whether progress is drawn as a live bar: stderr is a terminal and progress is wanted."""
     return (sys.stderr.isatty() and verbosity() != "quiet"
             and os.environ.get("RLHF_NO_PROGRESS") != "1")
-
-
-def set_verbosity(level: str) -> None:
-    """Set the verbosity of this process and of those it starts (torchrun workers, stages)."""
-    if level not in LEVELS:
-        raise ValueError(f"verbosity must be one of {LEVELS}, got {level!r}")
-    os.environ[VERBOSITY_ENV] = level
-    if level == "verbose":
-        import logging
-        # transformers sets its loggers' level from this variable when it is first imported.
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
-        logging.basicConfig(format="%(name)s: %(message)s")
-        logging.getLogger("accelerate").setLevel(logging.INFO)
 
 
 def verbosity() -> str:
