@@ -23,14 +23,10 @@ from typing import Any
 
 from pipeline.console import verbosity
 
-# The module each tracker needs; `pip install rlhf-pipeline[NAME]` installs it.
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
 def missing_tracker(names) -> str | None:
-    """The first of the named trackers whose package is not installed, if any."""
-    return next((name for name in names
-                 if importlib.util.find_spec(TRACKER_MODULES[name]) is None), None)
+    """The first of the named trackers whose package is not installed, if any (each tracker's
+    module has its name; `pip install rlhf-pipeline[NAME]` installs it)."""
+    return next((name for name in names if importlib.util.find_spec(name) is None), None)
 
 
 def hyperparameters(values: dict[str, Any]) -> dict[str, bool | int | float | str]:
