@@ -293,9 +293,21 @@ def valid_keys(config_cls: type[BaseModel], path: list[str]) -> list[str]:
     return list(cls.model_fields)
 
 
-def config_hash(config: BaseModel, ignore: tuple[str, ...] = ("checkpoint",)) -> str:
-    """A stable hash of what determines a run's result (checkpoint cadence does not)."""
-    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in ignore}
+# Keys that do not change what a run computes: where its states go and how often, and which
+# trackers watch it. A run restarted with other values here is still the same run (reused, resumed).
+NOT_IN_RESULT = ("checkpoint", "runtime.report_to", "runtime.tracker_project")
+
+
+def config_hash(config: BaseModel, ignore: tuple[str, ...] = NOT_IN_RESULT) -> str:
+    """A stable hash of what determines a run's result: the config without the dotted `ignore`
+    keys."""
+    data = config.model_dump(mode="json")
+    for dotted in ignore:
+        *parents, key = dotted.split(".")
+        section = data
+        for part in parents:
+            section = section.get(part, {})
+        section.pop(key, None)
     blob = json.dumps(data, sort_keys=True, ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

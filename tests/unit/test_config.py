@@ -205,9 +205,11 @@ def test_read_yaml_returns_the_mapping(tmp_path):
 # --- config hash ---------------------------------------------------------------------------------
 
 
-def test_config_hash_ignores_checkpoint_but_not_train():
+def test_config_hash_ignores_checkpoint_and_trackers_but_not_train():
     base = load_config(DemoConfig, None)
-    same = load_config(DemoConfig, None, ["checkpoint.every_steps=7", "checkpoint.keep_last=5"])
+    same = load_config(DemoConfig, None, ["checkpoint.every_steps=7", "checkpoint.keep_last=5",
+                                          "runtime.report_to=[tensorboard]",
+                                          "runtime.tracker_project=other"])
     other_lr = load_config(DemoConfig, None, ["train.lr=0.5"])
     other_section = load_config(DemoConfig, None, ["generation.sampling.top_k=2"])
     assert config_hash(base) == config_hash(same)
