@@ -222,8 +222,9 @@ def prepare_model(model, tokenizer, lora: LoraConfig, parent: Resolved):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = apply_lora(model, lora)
     if lora.enabled:
-        # The published adapter names its base: the parent's published directory, absolute, so
-        # `rlhf export --merge` and plain peft find it from anywhere.
+        # The published adapter names its base: the parent's directory (the registry writes one
+        # in its home relative to the adapter, so the home can move; `rlhf export` makes it
+        # absolute again).
         model.peft_config["default"].base_model_name_or_path = parent_base_path(parent)
     return model
 

@@ -261,7 +261,7 @@ def execute(plan: Plan, registry: Registry, *, restart: bool = False) -> Run | N
         return None
     final = outputs[plan.selected[-1]]
     registry.set_status(pipeline.id, "completed", summary={
-        "stages": record, "final_run": final.run.id, "model_path": final.path})
+        "stages": record, "final_run": final.run.id})
     return registry.get(pipeline.id)
 
 
@@ -330,18 +330,18 @@ def cmd_pipeline_run(args) -> int:
     registry = Registry(args.home, create=plan.selected[0] == next(iter(plan.configs)))
     pipeline = execute(plan, registry, restart=args.restart)
     if pipeline is not None:
-        print_outcome(pipeline)
+        print_outcome(pipeline, registry)
     return 0
 
 
-def print_outcome(pipeline: Run) -> None:
+def print_outcome(pipeline: Run, registry: Registry) -> None:
     """A line per stage on stderr, and the pipeline's result as one JSON line on stdout."""
     stages = pipeline.summary["stages"]
     for name, entry in stages.items():
         say(f"{name:<9} {entry['how']:<8} {entry['run']}  ({entry['seconds']:.0f} s)")
     print(json.dumps({"run": pipeline.id, "status": pipeline.status, "stages": stages,
                       "final_run": pipeline.summary["final_run"],
-                      "model_path": pipeline.summary["model_path"]}))
+                      "model_path": registry.get(pipeline.summary["final_run"]).model_path}))
 
 
 def cmd_resume(args) -> int:
@@ -363,7 +363,7 @@ def cmd_resume(args) -> int:
     if target.stage == PIPELINE_STAGE:
         pipeline = execute(plan_from_run(target), registry)
         if pipeline is not None:
-            print_outcome(pipeline)
+            print_outcome(pipeline, registry)
         return 0
     run = resume_stage_run(registry, target)
     if is_main_process():

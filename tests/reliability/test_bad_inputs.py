@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from faults import copy_home, file_digests
+from faults import file_digests
 from model_dirs import PICKLE_MARKER, build_model_dirs
 from pipeline.registry import Registry
 from stages import STAGES
@@ -580,8 +580,8 @@ CATALOGUE: dict[str, list[Row]] = {
             fault="disk_full"),
         Row("full-disk-alias", ["registry", "alias", "best", "{run}"],
             "database or disk is full", fault="disk_full"),
-        Row("moved-home", ["run", "sft", "model.source={run}"], "failed verification",
-            home="{moved}", stage="sft"),
+        Row("home-models-deleted", ["run", "sft", "model.source={run}"], "failed verification",
+            home="{no_models}", stage="sft"),
         # An empty home stays empty, whatever fails.
         Row("empty-home-bad-reference", ["run", "sft", "model.source=nosuch"],
             "'nosuch' is not a run id", home="{empty}", stage="sft"),
@@ -602,10 +602,10 @@ ROWS = [row for rows in CATALOGUE.values() for row in rows]
 def catalogue(chain, tmp_path_factory) -> dict[str, str]:
     """The placeholders of the rows: a home with a completed pretrain run (the chain's), a reward
     run, an interrupted run and an unfinished pipeline; the bad files; the model directories; a
-    copy of the home whose models moved away."""
+    copy of the home whose published models were deleted."""
     root = tmp_path_factory.mktemp("catalogue")
     reference = chain.reference("pretrain")
-    home = copy_home(reference.home, root / "home")
+    home = shutil.copytree(reference.home, root / "home")
     models = build_model_dirs(root / "models", Path(reference.model_path))
     registry = Registry(home)
     try:
@@ -617,8 +617,9 @@ def catalogue(chain, tmp_path_factory) -> dict[str, str]:
         registry.set_status(pipeline.id, "failed")
     finally:
         registry.close()
-    moved = copy_home(home, root / "moved")
-    move_models_away(moved)
+    no_models = shutil.copytree(home, root / "no-models")
+    for model_dir in no_models.glob("runs/*/model"):
+        shutil.rmtree(model_dir)
     bad = root / "bad"
     for name, content in BAD_FILES.items():
         (bad / name).parent.mkdir(parents=True, exist_ok=True)
@@ -626,7 +627,7 @@ def catalogue(chain, tmp_path_factory) -> dict[str, str]:
     special_paths(bad)
     return {"{home}": str(home), "{bad}": str(bad), "{run}": reference.run_id,
             "{reward_run}": reward.id, "{unfinished}": unfinished.id, "{pipeline}": pipeline.id,
-            "{models}": str(root / "models"), "{moved}": str(moved),
+            "{models}": str(root / "models"), "{no_models}": str(no_models),
             "{empty}": str(root / "empty")}
 
 
@@ -636,22 +637,13 @@ def add_published_run(registry: Registry, stage: str, model_dir: Path, parents: 
     return registry.get(run.id)
 
 
-def move_models_away(home: Path) -> None:
-    """As if the home had been moved after its runs were recorded: the absolute model paths in
-    its database name a place that is no longer there."""
-    with sqlite3.connect(home / "registry.db") as db:
-        db.execute("UPDATE runs SET model_path = replace(model_path, ?, ?)",
-                   (str(home.resolve()), str(home.resolve()) + "-before-the-move"))
-    db.close()
-
-
 @pytest.fixture(scope="module")
 def open_folder(catalogue):
     """A folder an unprivileged user can read but not write: a copy of the catalogue's home and
     an unreadable data file (made under /tmp, since pytest's own folders are private to root)."""
     folder = Path(tempfile.mkdtemp(prefix="rlhf-catalogue-"))
     folder.chmod(0o755)
-    home = copy_home(Path(catalogue["{home}"]), folder / "home")
+    home = shutil.copytree(catalogue["{home}"], folder / "home")
     for path in [home, *home.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     unreadable = folder / "unreadable.jsonl"
