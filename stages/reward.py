@@ -64,7 +64,8 @@ class DataSection(Section):
                                   "those are given")
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of train_files prompts held "
                                  "out when eval_files is empty")
-    format: Literal["auto", "ranked", "scored", "pairwise", "transcripts"] = Field(
+    format: Literal["auto", "ranked", "scored", "pairwise", "transcripts",
+                    "ultrafeedback"] = Field(
         "auto", description="row format; auto detects it from the first row's columns")
     columns: dict[str, str] = Field(default_factory=dict, description="our column name → yours, "
                                     "e.g. {chosen: better, rejected: worse}")

@@ -51,7 +51,8 @@ class DataSection(Section):
     eval_files: list[str] = Field(default_factory=list, description="held-out SFT data for the "
                                   "eval loss; empty = the world's sft_eval.jsonl when train_files "
                                   "is empty too, else no eval loss")
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = Field(
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt",
+                    "transcripts"] = Field(
         "auto", description="row format; auto detects it from the first row's columns")
     columns: dict[str, str] = Field(default_factory=dict, description="our column name → yours, "
                                     "e.g. {prompt: question, completion: answer}")

@@ -107,6 +107,11 @@ BAD_FILES: dict[str, bytes] = {
                                  b'"rejected": "Human: hi Assistant: b"}\n',
     "transcripts_differ.jsonl": b'{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", '
                                 b'"rejected": "\\n\\nHuman: yo\\n\\nAssistant: b"}\n',
+    "transcripts_human_last.jsonl": b'{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a\\n\\nHuman: ?", '
+                                    b'"rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}\n',
+    "transcript_text_first.jsonl": b'{"chosen": "Hi there\\n\\nHuman: hi\\n\\nAssistant: a"}\n',
+    "ultrafeedback_unscored.jsonl": b'{"instruction": "i", "completions": [{"response": "a", '
+                                    b'"overall_score": 1}, {"response": "b", "annotations": {}}]}\n',
     # prompt files (ppo, gold evals, label)
     "prompts_empty_prompt.jsonl": b'{"prompt": "  "}\n',
     "prompts_no_prompt.jsonl": b'{"question": "Legs?"}\n',
@@ -512,6 +517,13 @@ CATALOGUE: dict[str, list[Row]] = {
             "chosen has no '\\n\\nAssistant:' turn", stage="reward"),
         Row("transcripts-differ-before-answer", reward_data("transcripts_differ.jsonl"),
             "chosen and rejected differ before their last", stage="reward"),
+        Row("transcript-ends-with-human", reward_data("transcripts_human_last.jsonl"),
+            "chosen ends with a '\\n\\nHuman:' turn", stage="reward"),
+        Row("sft-transcript-text-before-first-turn",
+            [*sft_data("transcript_text_first.jsonl"), "data.format=transcripts"],
+            "chosen does not start with a '\\n\\nHuman:' turn", stage="sft"),
+        Row("ultrafeedback-completion-unscored", reward_data("ultrafeedback_unscored.jsonl"),
+            "completions[1] has no 'overall_score'", stage="reward"),
         Row("prompt-file-empty-prompt", ppo_args("data.prompts_file={bad}/prompts_empty_prompt.jsonl"),
             "prompts_empty_prompt.jsonl:1: expected a non-empty text", stage="ppo"),
         Row("gold-prompts-without-prompt", ["data", "gold-score", "{run}", "--prompts",
