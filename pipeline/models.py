@@ -7,6 +7,7 @@ manifest before loading. LoRA adapters (peft) are applied and loaded here too.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from pickle import UnpicklingError  # torch's weights_only refusal; nothing here unpickles
@@ -75,7 +76,7 @@ def load_causal_lm(resolved: Resolved, *, trust_remote_code: bool = False,
         if adapter.exists():
             return _load_adapter(path, adapter, trust_remote_code, trainable_adapter, role)
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                    dtype=torch.float32)
+                                                    revision=resolved.revision, dtype=torch.float32)
 
 
 def _load_adapter(path: str, adapter_file: Path, trust_remote_code: bool, trainable: bool,
@@ -85,10 +86,11 @@ def _load_adapter(path: str, adapter_file: Path, trust_remote_code: bool, traina
     base_name = adapter_base(adapter_file.parent)
     if base_name is None:
         raise UserError(f"{adapter_file}: no base_model_name_or_path; restore the file")
-    base_path = require_causal_lm(Resolved(base_name), f"{role} (the adapter's base)",
-                                  trust_remote_code, adapter=False)
+    base_ref = Resolved(base_name, revision=json.loads(adapter_file.read_text()).get("revision"))
+    base_path = require_causal_lm(base_ref, f"{role} (the adapter's base)", trust_remote_code,
+                                  adapter=False)
     base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trust_remote_code,
-                                                dtype=torch.float32)
+                                                revision=base_ref.revision, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
     # Where the base is now (a relative path in the file is relative to the adapter): a resumed
     # adapter saved elsewhere names it from there.

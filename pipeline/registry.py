@@ -42,7 +42,9 @@ MANIFEST = "manifest.json"
 PIPELINE_STAGE = "pipeline"  # the runs of `rlhf pipeline run`, whose summary names their stage runs
 STATUSES = ("running", "completed", "failed", "interrupted")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: `$` would allow a final "\n"
-_STEP_RE = re.compile(r"^(.+)@(\d+)$")
+# A hub model as users write it: `gpt2`, `org/name`, either with `@revision` (branch, tag, commit).
+_HUB_RE = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]{0,95}(?:/[\w.-]{1,96})?)"
+                     r"(?:@(?P<revision>[\w./-]{1,255}))?\Z")
 # The database's `user_version`: 1 = model paths stored relative to the home (0: absolute).
 RELATIVE_PATHS_VERSION = 1
 
@@ -120,10 +122,19 @@ class Resolved:
     path: str                 # a local directory, or a hub model/data set name
     run: Run | None = None    # the registry run, when the reference named one
     step: int | None = None   # set for RUN@step references (a resume state's model)
+    revision: str | None = None  # a hub model's branch, tag or commit (`name@revision`)
 
     @property
     def is_local(self) -> bool:
         return Path(self.path).is_dir()
+
+    @property
+    def reference(self) -> str:
+        """A reference that keeps naming the same model: the run id (and step), or the path or
+        hub name (and revision)."""
+        if self.run is None:
+            return self.path + (f"@{self.revision}" if self.revision else "")
+        return self.run.id + (f"@{self.step}" if self.step is not None else "")
 
     def verified_path(self) -> str:
         """The path, once a registry checkpoint (or any directory with a manifest) verified
@@ -323,9 +334,7 @@ class Registry:
                  socket.gethostname(), pipeline_id))
             for role, parent in parents.items():
                 db.execute("INSERT INTO parents VALUES (?, ?, ?, ?)",
-                           (run_id, role, parent.path if parent.run is None else
-                            parent.run.id + (f"@{parent.step}" if parent.step else ""),
-                            parent.run.id if parent.run else None))
+                           (run_id, role, parent.reference, parent.run.id if parent.run else None))
         return self.get(run_id)
 
     def get(self, run_id: str) -> Run:
@@ -370,7 +379,7 @@ class Registry:
                       ) -> Run | None:
         """The newest run of `stage` with the same config, data and parents and one of
         `statuses` (for reuse or resume); `data_fingerprint=None` matches any data."""
-        wanted = {role: (p.run.id if p.run else p.path) for role, p in parents.items()}
+        wanted = {role: (p.run.id if p.run else p.reference) for role, p in parents.items()}
         for run in reversed(self.runs(stage)):
             if run.config_hash != config_hash or data_fingerprint not in (None,
                                                                           run.data_fingerprint):
@@ -465,17 +474,25 @@ class Registry:
 
     # -- references ---------------------------------------------------------------------------
     def resolve(self, ref: str, *, stage: str | None = None) -> Resolved:
-        """Resolve run id, `STAGE:latest`, `REF@step`, alias, or a path / hub name."""
+        """Resolve run id, `STAGE:latest`, `REF@step`, alias, a path, or a hub name (`gpt2`,
+        `org/name`, `name@revision`). A hub name is not looked up here (no network); the guard
+        checks it before a model loads."""
         if not ref or "\x00" in ref:
             raise UserError("empty or invalid reference; use a run id, STAGE:latest, an alias or a path")
-        step_match = _STEP_RE.match(ref)
-        if step_match:
-            # The run need not be completed: REF@step is how one reaches an interrupted run's states.
-            run = self.lookup(step_match.group(1))
-            if run is None:
-                raise UserError(f"'{ref}': @step works only on registry runs (a run id, "
-                                f"STAGE:latest or an alias); see `rlhf registry ls`")
-            return self._state_ref(run, int(step_match.group(2)))
+        before_at, _, after_at = ref.rpartition("@")
+        # The run need not be completed: REF@step is how one reaches an interrupted run's states.
+        stepped = self.lookup(before_at) if before_at else None
+        if stepped is not None and after_at.isascii() and after_at.isdigit():
+            return self._state_ref(stepped, int(after_at))
+        if stepped is not None:
+            raise UserError(f"'{ref}': after a run, @ takes a step number (a committed state), "
+                            f"e.g. {stepped.id}@100")
+        if before_at.endswith(":latest"):
+            raise UserError(f"'{ref}': no completed {before_at.split(':')[0]} run in the "
+                            f"registry at {self.home}; see `rlhf registry ls`")
+        if before_at and path_problem(Path(before_at), "any") is None:
+            raise UserError(f"'{ref}': @step works only on registry runs (a run id, "
+                            f"STAGE:latest or an alias); see `rlhf registry ls`")
         run = self.lookup(ref)
         if run is not None and run.stage == PIPELINE_STAGE:  # a pipeline means its final model
             final = run.summary.get("final_run")
@@ -502,8 +519,9 @@ class Registry:
         if ref.endswith(":latest"):
             raise UserError(f"no completed {ref.split(':')[0]} run in the registry at {self.home}; "
                             f"run `rlhf run {ref.split(':')[0]}` first or pass a path")
-        if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", ref) and not ref.startswith((".", "/")):
-            return Resolved(ref)  # a hub name, for users with a network
+        hub = hub_model(ref)
+        if hub is not None:
+            return hub
         raise UserError(f"reference '{ref}' is not a run id, alias, STAGE:latest, directory or hub "
                         f"name; see `rlhf registry ls`")
 
@@ -605,10 +623,17 @@ def resolve_model(registry: Registry | None, ref: str) -> Resolved:
         return registry.resolve(ref)
     if path_problem(Path(ref), "directory") is None:
         return Resolved(str(Path(ref).resolve()))
-    if "/" in ref and not ref.startswith((".", "/")) and not Path(ref).exists():
-        return Resolved(ref)
+    hub = None if Path(ref).exists() else hub_model(ref)
+    if hub is not None:
+        return hub
     raise UserError(f"'{ref}' is not a model directory and there is no registry to look it "
                     f"up in; pass --home DIR or a model directory")
+
+
+def hub_model(ref: str) -> Resolved | None:
+    """`gpt2`, `org/name` or either with `@revision` as a hub model; None for anything else."""
+    match = _HUB_RE.match(ref)
+    return Resolved(match["name"], revision=match["revision"]) if match else None
 
 
 def check_name(name: str, what: str) -> str:

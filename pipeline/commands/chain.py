@@ -231,7 +231,7 @@ def execute(plan: Plan, registry: Registry, *, restart: bool = False) -> Run | N
     """
     start = registry.resolve(plan.start) if plan.start else None
     if start is not None:  # `pretrain:latest` today and tomorrow may differ: record which it was
-        plan = replace(plan, start=reference_of(start))
+        plan = replace(plan, start=start.reference)
     outputs: dict[str, Resolved] = {"pretrain": start} if start else {}
     record: dict[str, dict] = {}
 
@@ -268,13 +268,6 @@ def execute(plan: Plan, registry: Registry, *, restart: bool = False) -> Run | N
 def parents_of(name: str, outputs: dict[str, Resolved]) -> dict[str, Resolved]:
     """A stage's parents: the upstream outputs of this pipeline, by role."""
     return {role: outputs[upstream] for role, upstream in STAGES[name].inputs.items()}
-
-
-def reference_of(resolved: Resolved) -> str:
-    """A reference that keeps naming the same model: the run id (and step), or the path."""
-    if resolved.run is None:
-        return resolved.path
-    return resolved.run.id + (f"@{resolved.step}" if resolved.step is not None else "")
 
 
 def open_pipeline_run(registry: Registry, plan: Plan, start: Resolved | None,

@@ -27,8 +27,8 @@ from pipeline.tokenizer import load_tokenizer
 def cmd_export(args) -> int:
     resolved = Registry(args.home).resolve(args.ref)
     if not resolved.is_local:
-        raise UserError(f"'{args.ref}' is not a local checkpoint; export a registry run or a "
-                        "model directory")
+        raise UserError(f"'{args.ref}' is not a run id, alias, STAGE:latest or model directory; "
+                        "export a registry run or a model directory")
     out = Path(args.out)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new output directory")

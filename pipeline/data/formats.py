@@ -10,7 +10,7 @@ Sources, accepted by every loader:
   separated by blank lines);
 - a local directory: every such file in it and below it, in sorted path order;
 - a hub data set name (anything that is not a local path), loaded with
-  `datasets.load_dataset(name, split="train")`.
+  `datasets.load_dataset(name, config, split=split)`, `HubSplit` saying which config and split.
 
 Text encoding: files must be UTF-8. A UTF-8 byte order mark at the start of a file is accepted and
 dropped; CRLF line endings are accepted.
@@ -78,6 +78,13 @@ RANKED_FORMATS = {
     "transcripts": ("chosen", "rejected"),
     "ultrafeedback": ("instruction", "completions"),
 }
+
+
+class HubSplit(NamedTuple):
+    """Which part of a hub data set to read: a configuration (subset) and a split."""
+
+    config: str | None = None
+    split: str = "train"
 
 
 class Record(NamedTuple):
@@ -271,12 +278,14 @@ def _read_txt_documents(path: Path) -> list[str]:
     return documents
 
 
-def load_hub_rows(name: str, split: str = "train") -> list[tuple[int, dict]]:
-    """Load a data set with `datasets.load_dataset(name, split=split)`: `(row number, row)` pairs."""
+def load_hub_rows(name: str, hub: HubSplit = HubSplit()) -> list[tuple[int, dict]]:
+    """Load a data set with `datasets.load_dataset(name, config, split=split)`: `(row number, row)`
+    pairs."""
     import datasets  # lazy: heavy, and only hub users need it
 
+    split = hub.split
     try:
-        rows = datasets.load_dataset(name, split=split).to_list()
+        rows = datasets.load_dataset(name, hub.config, split=split).to_list()
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
         raise UserError(f"{name}: not a local file or directory, and loading it as a hub data set "
                         f"failed ({first_line(err)}); check the path or the data set name") from None
@@ -329,26 +338,26 @@ def _file_records(path: Path) -> list[Record]:
     return [Record(str(path), number, row) for number, row in numbered]
 
 
-def _hub_records(name: str) -> list[Record]:
-    return [Record(name, number, row) for number, row in load_hub_rows(name)]
+def _hub_records(name: str, hub: HubSplit) -> list[Record]:
+    return [Record(name, number, row) for number, row in load_hub_rows(name, hub)]
 
 
-def read_records(path_or_name: str | Path) -> list[Record]:
+def read_records(path_or_name: str | Path, hub: HubSplit = HubSplit()) -> list[Record]:
     """Every row of a data file, a directory of them, or a hub data set, with where it came from."""
     files = _local_files(path_or_name, ROW_SUFFIXES)
     if files is None:
-        return _hub_records(str(path_or_name))
+        return _hub_records(str(path_or_name), hub)
     return [record for path in files for record in _file_records(path)]
 
 
-def read_text_corpus(paths_or_dirs: str | Path | Iterable[str | Path],
-                     text_field: str = "text") -> list[str]:
+def read_text_corpus(paths_or_dirs: str | Path | Iterable[str | Path], text_field: str = "text",
+                     hub: HubSplit = HubSplit()) -> list[str]:
     """All documents of one or more text sources (.txt, JSON Lines, Parquet, directory, hub name)."""
     documents: list[str] = []
     for source in as_list(paths_or_dirs):
         files = _local_files(source, TEXT_SUFFIXES)
         if files is None:
-            documents += _texts(_hub_records(str(source)), text_field)
+            documents += _texts(_hub_records(str(source), hub), text_field)
         for path in files or []:
             documents += (_read_txt_documents(path) if path.suffix == ".txt"
                           else _texts(_file_records(path), text_field))
@@ -526,10 +535,10 @@ def _checked_conversation(messages: list[dict], record: Record) -> list[dict]:
 
 
 def load_sft_rows(path_or_name: str | Path, fmt: str = "auto",
-                  columns: dict[str, str] | None = None) -> list[dict]:
+                  columns: dict[str, str] | None = None, hub: HubSplit = HubSplit()) -> list[dict]:
     """Load SFT data as `{"messages": [...], "_line": n}` rows from any supported format."""
     columns = _checked_columns(columns, SFT_FORMATS, SFT_OPTIONAL_COLUMNS)
-    records = read_records(path_or_name)
+    records = read_records(path_or_name, hub)
     adapter = SFT_ADAPTERS[_resolved_format(fmt, records[0], columns, SFT_FORMATS)]
     return [{"messages": _checked_conversation(adapter(record, columns), record), "_line": record.line}
             for record in records]
@@ -724,9 +733,9 @@ def ranked_row(record: Record, parts: RankedParts) -> dict:
 
 
 def load_ranked_rows(path_or_name: str | Path, fmt: str = "auto",
-                     columns: dict[str, str] | None = None) -> list[dict]:
+                     columns: dict[str, str] | None = None, hub: HubSplit = HubSplit()) -> list[dict]:
     """Load reward data as `{"prompt", "responses", "ranks", "_line"}` rows from any ranked format."""
     columns = _checked_columns(columns, RANKED_FORMATS)
-    records = read_records(path_or_name)
+    records = read_records(path_or_name, hub)
     adapter = RANKED_ADAPTERS[_resolved_format(fmt, records[0], columns, RANKED_FORMATS)]
     return [ranked_row(record, adapter(record, columns)) for record in records]

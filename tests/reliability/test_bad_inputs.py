@@ -545,7 +545,10 @@ CATALOGUE: dict[str, list[Row]] = {
         Row("ref-step-without-run", ["run", "sft", "model.source=@5"],
             "reference '@5' is not a run id", stage="sft"),
         Row("ref-step-not-a-number", ["run", "sft", "model.source={run}@latest"],
-            "is not a run id", stage="sft"),
+            "after a run, @ takes a step number", stage="sft"),
+        Row("ref-hub-name-not-cached", ["run", "sft", "model.source=nosuch-model@v2"],
+            "model.source: 'nosuch-model@v2' is not a run id, alias, STAGE:latest or directory, "
+            "nor a hub model (not in the local hub cache, and HF_HUB_OFFLINE is set)", stage="sft"),
         Row("ref-step-of-a-path", ["run", "sft", "model.source={bad}/no_data@3"],
             "@step works only on registry runs", stage="sft"),
         Row("ref-is-a-file", ["run", "sft", "model.source={bad}/nan.jsonl"], "is a file",

@@ -162,19 +162,21 @@ def test_text_corpus_non_local_name_goes_to_the_hub(tmp_path, monkeypatch, local
     real_load = datasets.load_dataset
     requested = []
 
-    def load_dataset(name, split):
-        requested.append((name, split))
-        return real_load(str(source), split=split)
+    def load_dataset(name, config, split):
+        requested.append((name, config, split))
+        return real_load(str(source), split="train")
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     assert data.read_text_corpus("someone/corpus") == ["from the hub"]
-    assert requested == [("someone/corpus", "train")]
+    assert data.read_text_corpus("someone/corpus", hub=data.HubSplit("en", "train[:10%]")) == \
+        ["from the hub"]
+    assert requested == [("someone/corpus", None, "train"), ("someone/corpus", "en", "train[:10%]")]
 
 
 def test_text_corpus_hub_failure_is_a_user_error(monkeypatch):
     import datasets
 
-    def unreachable(name, split):
+    def unreachable(name, config, split):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub\nsecond line")
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
@@ -335,7 +337,8 @@ def test_sft_hub_name_goes_through_datasets(tmp_path, monkeypatch, local_dataset
     source.mkdir()
     write_rows(source / "train.jsonl", [{"instruction": "i", "input": None, "output": "o"}])
     real_load = datasets.load_dataset
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: real_load(str(source), split=split))
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, config, split: real_load(str(source), split=split))
     assert data.load_sft_rows("someone/sft") == [
         {"messages": [{"role": "user", "content": "i"}, {"role": "assistant", "content": "o"}], "_line": 1}]
 

@@ -152,9 +152,21 @@ def test_run_at_step_ignores_an_uncommitted_state(registry, make_run):
         registry.resolve(f"{run.id}@3")
 
 
-def test_step_suffix_on_something_that_is_not_a_run(registry, tmp_path):
-    with pytest.raises(UserError, match="@step works only on registry runs"):
-        registry.resolve("nope@5")
+def test_step_suffix_on_a_stage_without_runs(registry):
+    with pytest.raises(UserError, match="'sft:latest@5': no completed sft run in the registry"):
+        registry.resolve("sft:latest@5")
+
+
+@pytest.mark.parametrize("ref, name, revision", [
+    ("gpt2", "gpt2", None),
+    ("org/model", "org/model", None),
+    ("gpt2@v1.0", "gpt2", "v1.0"),
+    ("org/model@refs/pr/3", "org/model", "refs/pr/3"),
+    ("nope@5", "nope", "5"),  # not a run: a hub model's revision
+])
+def test_hub_names_as_users_write_them(registry, ref, name, revision):
+    hub = registry.resolve(ref)
+    assert (hub.path, hub.revision, hub.run, hub.reference) == (name, revision, None, ref)
 
 
 def test_plain_directory_and_hub_name(registry, tmp_path):
@@ -167,7 +179,8 @@ def test_plain_directory_and_hub_name(registry, tmp_path):
 
 
 @pytest.mark.parametrize("ref, message", [
-    ("nope", "reference 'nope' is not a run id"),
+    ("no pe", "reference 'no pe' is not a run id"),
+    ("-nope", "reference '-nope' is not a run id"),
     ("", "empty or invalid reference"),
     ("bad\x00ref", "empty or invalid reference"),
 ])
