@@ -2,6 +2,7 @@
 registry, and resume interrupted work.
 
     rlhf pipeline run configs/tiny/pipeline.yaml [sft.train.max_steps=50 ...] [--from|--only STAGE]
+    rlhf pipeline run tiny        (a shipped preset, from any directory: see pipeline/presets.py)
     rlhf resume [RUN]
 
 A pipeline YAML names, per stage, a config file and overrides, plus an optional `seed` (given to
@@ -39,6 +40,7 @@ from pydantic import Field, create_model
 from pipeline.config import (Section, StageConfig, apply_override, config_hash, read_yaml, to_dict,
                              validate)
 from pipeline.errors import UserError
+from pipeline.presets import pipeline_source
 from pipeline.registry import PIPELINE_STAGE, Registry, Resolved, Run
 from pipeline.runtime import is_main_process
 from stages import STAGES
@@ -148,12 +150,16 @@ def load_pipeline_config(path: str | Path, overrides: list[str]) -> tuple[Pipeli
 
 
 def stage_config(name: str, entry: StageEntry, seed: int | None, extra: list[str],
-                 source: str) -> StageConfig:
+                 source: str, base: Path | None = None) -> StageConfig:
     """One stage's config: its YAML, then the pipeline seed, its overrides, then the command
-    line's."""
+    line's. A preset's (`base` set) relative YAML path not found from the working directory is
+    the shipped one."""
     where = f"{source} (stages.{name})"
+    config_file = entry.config
+    if config_file and base is not None and not Path(config_file).exists():
+        config_file = str(base / config_file)
     try:
-        raw = read_yaml(entry.config) if entry.config else {}
+        raw = read_yaml(config_file) if config_file else {}
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
     if seed is not None:
@@ -195,12 +201,14 @@ def reached(chain: list[str], selected: list[str]) -> list[str]:
 
 def plan_from_yaml(path: str | Path, overrides: list[str], from_stage: str | None = None,
                    only: str | None = None) -> Plan:
-    """Validate the pipeline YAML and every stage config it names (nothing is registered yet)."""
+    """Validate the pipeline YAML (a file, or a preset's by name) and every stage config it names
+    (nothing is registered yet)."""
+    path, base = pipeline_source(str(path))
     pipeline_config, per_stage = load_pipeline_config(path, overrides)
     chain = chain_stages(pipeline_config.start)
     selected = select_stages(chain, from_stage, only)
     configs = {name: stage_config(name, getattr(pipeline_config.stages, name),
-                                  pipeline_config.seed, per_stage.get(name, []), str(path))
+                                  pipeline_config.seed, per_stage.get(name, []), str(path), base)
                for name in reached(chain, selected)}
     unused = sorted(set(per_stage) - set(configs))
     if unused:

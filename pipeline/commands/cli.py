@@ -311,7 +311,8 @@ def _add_pipeline(commands) -> None:
     pipe = commands.add_parser("pipeline", help="run the stages in order")
     sub = pipe.add_subparsers(title="pipeline commands", metavar="ACTION")
     run = sub.add_parser("run", help="run pretrain → sft → reward → ppo (reusing finished stages)")
-    run.add_argument("config", help="pipeline YAML, e.g. configs/tiny/pipeline.yaml")
+    run.add_argument("config", help="pipeline YAML (e.g. configs/tiny/pipeline.yaml) or the "
+                                    "name of a shipped preset (tiny, small)")
     run.add_argument("overrides", nargs="*", metavar="key=value")
     run.add_argument("--from", dest="from_stage", help="start at this stage")
     run.add_argument("--only", help="run only this stage")

@@ -454,6 +454,7 @@ def test_ranked_fixture_loads_to_expected_rows(fmt, requested):
     ("reward_ranked.jsonl", {"reward": 3, "ppo": 3}),   # its prompts can also feed PPO
     ("reward_transcripts.jsonl", {"reward": 2, "sft": 2}),  # SFT learns the chosen dialogue
     ("reward_ultrafeedback.jsonl", {"reward": 2}),
+    ("sft_transcripts.jsonl", {"sft": 2}),
     ("sft_alpaca.jsonl", {"sft": 3}),
     ("sft_messages.jsonl", {"sft": 2}),
 ])
