@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import math
 import os
@@ -373,6 +374,7 @@ def require_model(resolved, kind: str, role: str, trust_remote_code: bool = Fals
     return path
 
 
+@functools.lru_cache(maxsize=None)  # a stage checks its model several times: ask the hub once
 def hub_model_problem(name: str, revision: str | None) -> str | None:
     """Why the hub model `name` at `revision` (None: the default branch) cannot be had, or None
     when the local hub cache holds it or the hub knows it."""

@@ -79,3 +79,6 @@ def test_the_wheel_runs_the_tiny_preset_from_any_directory(tmp_path):
     assert outcome["status"] == "completed"
     assert set(outcome["stages"]) == {"pretrain", "sft", "reward", "ppo"}
     assert Path(outcome["model_path"]).is_relative_to(elsewhere / "home")
+    home = str((elsewhere / "home").resolve()).encode()  # every stage wrote a home that can move
+    assert [path for path in (elsewhere / "home").rglob("*")
+            if path.is_file() and home in path.read_bytes()] == []

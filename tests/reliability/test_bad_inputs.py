@@ -269,6 +269,8 @@ CATALOGUE: dict[str, list[Row]] = {
         Row("resume-unknown-run", ["resume", "nosuch"], "no run 'nosuch'"),
         Row("report-unknown-run", ["report", "nosuch"], "no run 'nosuch'"),
         Row("pipeline-missing-yaml", ["pipeline", "run", "{bad}/gone.yaml"], "does not exist"),
+        Row("pipeline-unknown-preset", ["pipeline", "run", "tinny"],
+            "tinny: no such file, and not a preset (presets: "),
         Row("pipeline-from-unknown-stage", [*PIPELINE, "--from", "sftt"],
             "--from sftt: no such stage; did you mean 'sft'?"),
         Row("pipeline-from-and-only", [*PIPELINE, "--from", "sft", "--only", "ppo"],
