@@ -283,14 +283,15 @@ def load_hub_rows(name: str, hub: HubSplit = HubSplit()) -> list[tuple[int, dict
     pairs."""
     import datasets  # lazy: heavy, and only hub users need it
 
-    split = hub.split
     try:
-        rows = datasets.load_dataset(name, hub.config, split=split).to_list()
+        rows = datasets.load_dataset(name, hub.config, split=hub.split).to_list()
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
         raise UserError(f"{name}: not a local file or directory, and loading it as a hub data set "
-                        f"failed ({first_line(err)}); check the path or the data set name") from None
+                        f"failed ({first_line(err)}); check the path, or the data set name with its "
+                        f"config and split") from None
     if not rows:
-        raise UserError(f"{name}: the data set's {split!r} split has no rows; give a data set with data")
+        raise UserError(f"{name}: the data set's {hub.split!r} split has no rows; give a data set "
+                        "with data")
     return list(enumerate(rows, start=1))
 
 

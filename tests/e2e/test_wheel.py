@@ -44,6 +44,8 @@ def build_wheel(out: Path) -> Path:
     """The wheel of a copy of the source tree (the build writes build/ and egg-info beside it)."""
     source = shutil.copytree(ROOT, out / "source", ignore=shutil.ignore_patterns(
         ".venv", ".git", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    # No build isolation: setuptools, the build backend, is installed here already (torch
+    # requires it), so nothing is downloaded.
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
          "-w", out / "dist", source], out)
     return next((out / "dist").glob("rlhf_pipeline-*.whl"))
