@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from pipeline.data.formats import HubSplit
 from pipeline.errors import UserError
 from pipeline.guard import MAX_CONFIG_BYTES, MAX_SEED, input_file
 
@@ -122,6 +123,28 @@ class LoraConfig(Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="names of the linear layers that get an adapter")
+
+
+class HubDataSection(Section):
+    """A data section's keys for hub data sets, read with `datasets.load_dataset(name, config,
+    split=split)`; local files ignore them."""
+
+    config: str | None = Field(None, description="hub data sets: the configuration (subset) to "
+                               "load, e.g. harmless-base; none = the data set's default")
+    split: str = Field("train", description="hub data sets of the training data: the split to "
+                       "load, e.g. train or train[:10%]")
+
+    def hub_split(self) -> HubSplit:
+        return HubSplit(self.config, self.split)
+
+
+class HeldOutHubDataSection(HubDataSection):
+    """`HubDataSection` for a stage with held-out files, which come from their own split."""
+
+    eval_split: str = Field("test", description="hub data sets in eval_files: the split to load")
+
+    def eval_hub_split(self) -> HubSplit:
+        return HubSplit(self.config, self.eval_split)
 
 
 class StageConfig(Section):

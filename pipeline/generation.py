@@ -77,7 +77,7 @@ def load_for_sampling(resolved: Resolved, role: str = "the policy"):
 
     disable_progress_bar()  # a bar per weight load would interleave with the conversation
     model = load_causal_lm(resolved, trainable_adapter=False, role=role)
-    tokenizer = load_tokenizer(resolved.path)
+    tokenizer = load_tokenizer(resolved.path, revision=resolved.revision)
     check_eos(tokenizer, model, resolved.path)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # The tokenizer needed chat tokens the model never saw; sampling must not index past them.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import math
 import os
@@ -344,11 +345,17 @@ def require_model(resolved, kind: str, role: str, trust_remote_code: bool = Fals
     """The verified local path of `resolved` (a `pipeline.registry.Resolved`) when it holds a
     model of `kind` (CAUSAL_LM, or with `adapter` a LoRA adapter on one; or REWARD_MODEL) that can
     be loaded safely; else a UserError naming `role` (the config key or option that gave it). A
-    hub name passes unchecked."""
+    hub name must be in the local hub cache or known to the hub; its files are checked by
+    transformers as it downloads them."""
     path = resolved.verified_path()
     directory = Path(path)
     if not directory.is_dir():
-        return path  # a hub name: checked by transformers as it downloads
+        problem = hub_model_problem(path, resolved.revision)
+        if problem:
+            named = "" if role == resolved.reference else f"{role}: "
+            raise UserError(f"{named}'{resolved.reference}' is not a run id, alias, STAGE:latest "
+                            f"or directory, nor a hub model ({problem}); see `rlhf registry ls`")
+        return path
     # "model.policy: /runs/x/model is ..." — but not "/runs/x/model: /runs/x/model is ...".
     named = "" if Path(role).expanduser().resolve() == directory.resolve() else f"{role}: "
     found = model_kind(directory)
@@ -365,6 +372,29 @@ def require_model(resolved, kind: str, role: str, trust_remote_code: bool = Fals
     if problem:
         raise UserError(f"{named}{problem}")
     return path
+
+
+@functools.lru_cache(maxsize=None)  # a stage checks its model several times: ask the hub once
+def hub_model_problem(name: str, revision: str | None) -> str | None:
+    """Why the hub model `name` at `revision` (None: the default branch) cannot be had, or None
+    when the local hub cache holds it or the hub knows it."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    for marker in ("config.json", ADAPTER_CONFIG):
+        if isinstance(huggingface_hub.try_to_load_from_cache(name, marker, revision=revision), str):
+            return None
+    if constants.HF_HUB_OFFLINE:
+        return "not in the local hub cache, and HF_HUB_OFFLINE is set"
+    try:
+        huggingface_hub.model_info(name, revision=revision)
+    except errors.RevisionNotFoundError:
+        return f"the hub has no revision '{revision}' of {name}"
+    except errors.RepositoryNotFoundError:
+        return "the hub has no model of that name, or it is private: log in with `hf auth login`"
+    except Exception as err:  # no network: the HTTP library's errors differ between versions
+        return f"the hub cannot be reached: {first_line(err)}"
+    return None
 
 
 def require_causal_lm(resolved, role: str, trust_remote_code: bool = False,

@@ -16,7 +16,7 @@ import torch
 from pipeline.config import LoraConfig, remote_code_warning
 from pipeline.errors import UserError, first_line
 from pipeline.guard import ADAPTER_CONFIG, require_causal_lm
-from pipeline.registry import Resolved
+from pipeline.registry import Resolved, adapter_base
 
 # hidden, layers, heads, intermediate, vocab, context
 PRESETS = {
@@ -76,22 +76,26 @@ def load_causal_lm(resolved: Resolved, *, trust_remote_code: bool = False,
         if adapter.exists():
             return _load_adapter(path, adapter, trust_remote_code, trainable_adapter, role)
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                    dtype=torch.float32)
+                                                    revision=resolved.revision, dtype=torch.float32)
 
 
 def _load_adapter(path: str, adapter_file: Path, trust_remote_code: bool, trainable: bool,
                   role: str):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    try:
-        base_name = json.loads(adapter_file.read_text())["base_model_name_or_path"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{adapter_file}: no base_model_name_or_path; restore the file") from None
-    base_path = require_causal_lm(Resolved(str(base_name)), f"{role} (the adapter's base)",
-                                  trust_remote_code, adapter=False)
+    base_name = adapter_base(adapter_file.parent)
+    if base_name is None:
+        raise UserError(f"{adapter_file}: no base_model_name_or_path; restore the file")
+    base_ref = Resolved(base_name, revision=json.loads(adapter_file.read_text()).get("revision"))
+    base_path = require_causal_lm(base_ref, f"{role} (the adapter's base)", trust_remote_code,
+                                  adapter=False)
     base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trust_remote_code,
-                                                dtype=torch.float32)
-    return PeftModel.from_pretrained(base, path, is_trainable=trainable)
+                                                revision=base_ref.revision, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    # Where the base is now (a relative path in the file is relative to the adapter): a resumed
+    # adapter saved elsewhere names it from there.
+    model.peft_config["default"].base_model_name_or_path = base_path
+    return model
 
 
 def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):

@@ -10,6 +10,11 @@ home (`./runs`, `--home DIR` or `RLHF_HOME`). Files live beside it:
 A directory is committed by writing it under a temporary sibling name, flushing every file,
 renaming it into place and writing `manifest.json` (sha256 of every file) last. A directory without
 a valid manifest is never used. This module imports no torch, so `rlhf registry ls` stays fast.
+
+A home can be moved or copied: the database stores the paths of its models relative to the home,
+and a LoRA adapter whose base model lies in the home names it relative to the adapter's own
+directory. Paths outside the home (a user's model directory) stay absolute. A home written before
+paths were relative is upgraded once, when it is first opened for writing.
 """
 
 from __future__ import annotations
@@ -23,19 +28,25 @@ import secrets
 import shutil
 import socket
 import sqlite3
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.guard import NOT_FOUND, NOT_FOUND_IN_FILE, output_directory_problem, path_problem
+from pipeline.guard import (ADAPTER_CONFIG, NOT_FOUND, NOT_FOUND_IN_FILE,
+                            output_directory_problem, path_problem)
 
 MANIFEST = "manifest.json"
 PIPELINE_STAGE = "pipeline"  # the runs of `rlhf pipeline run`, whose summary names their stage runs
 STATUSES = ("running", "completed", "failed", "interrupted")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: `$` would allow a final "\n"
-_STEP_RE = re.compile(r"^(.+)@(\d+)$")
+# A hub model as users write it: `gpt2`, `org/name`, either with `@revision` (branch, tag, commit).
+_HUB_RE = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]{0,95}(?:/[\w.-]{1,96})?)"
+                     r"(?:@(?P<revision>[\w./-]{1,255}))?\Z")
+# The database's `user_version`: 1 = model paths stored relative to the home (0: absolute).
+RELATIVE_PATHS_VERSION = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -111,10 +122,19 @@ class Resolved:
     path: str                 # a local directory, or a hub model/data set name
     run: Run | None = None    # the registry run, when the reference named one
     step: int | None = None   # set for RUN@step references (a resume state's model)
+    revision: str | None = None  # a hub model's branch, tag or commit (`name@revision`)
 
     @property
     def is_local(self) -> bool:
         return Path(self.path).is_dir()
+
+    @property
+    def reference(self) -> str:
+        """A reference that keeps naming the same model: the run id (and step), or the path or
+        hub name (and revision)."""
+        if self.run is None:
+            return self.path + (f"@{self.revision}" if self.revision else "")
+        return self.run.id + (f"@{self.step}" if self.step is not None else "")
 
     def verified_path(self) -> str:
         """The path, once a registry checkpoint (or any directory with a manifest) verified
@@ -199,6 +219,8 @@ class Registry:
                 if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     db.execute("PRAGMA journal_mode = WAL")
                 db.executescript(SCHEMA)
+                if db.execute("PRAGMA user_version").fetchone()[0] < RELATIVE_PATHS_VERSION:
+                    self._make_paths_relative(db)
         except sqlite3.DatabaseError as err:
             db.close()
             if output_directory_problem(self.home):  # SQLite needs to write beside the file
@@ -206,6 +228,44 @@ class Registry:
             raise UserError(f"{self.db_path} cannot be used as a registry ({err}); restore it "
                             f"from a backup or pass --home DIR for another registry") from None
         return db
+
+    def _make_paths_relative(self, db: sqlite3.Connection) -> None:
+        """Upgrade a home whose database stores absolute model paths (`HOME/runs/ID/model`),
+        wherever the home was then, and whose adapters name their base by absolute path."""
+        old_homes, changed = set(), 0
+        db.execute("BEGIN IMMEDIATE")
+        for row in db.execute("SELECT id, model_path FROM runs WHERE model_path LIKE '/%'"):
+            stored = Path(row["model_path"])
+            if stored.parts[-3:] == ("runs", row["id"], "model"):
+                old_homes.add(stored.parents[2])
+                db.execute("UPDATE runs SET model_path = ? WHERE id = ?",
+                           (f"runs/{row['id']}/model", row["id"]))
+                changed += 1
+        for config_file in self.home.glob(f"runs/*/**/{ADAPTER_CONFIG}"):
+            rewritten = _relocate_adapter_base(config_file.parent, old_homes, self.home)
+            for path, digest in rewritten.items():
+                _refresh_manifest_entry(path, digest)
+            changed += bool(rewritten)
+        for row in db.execute("SELECT id FROM runs WHERE files_json IS NOT NULL"):
+            manifest = self.home / "runs" / row["id"] / "model" / MANIFEST
+            if manifest.is_file():  # the record of its files follows a rewritten adapter config
+                db.execute("UPDATE runs SET files_json = ? WHERE id = ?",
+                           (json.dumps(json.loads(manifest.read_text())["files"]), row["id"]))
+        db.execute(f"PRAGMA user_version = {RELATIVE_PATHS_VERSION}")
+        db.execute("COMMIT")
+        if changed:
+            print(f"registry {self.home}: {changed} stored path(s) made relative to the home, so "
+                  f"it can be moved or copied (a one-time upgrade)", file=sys.stderr)
+
+    def _stored_path(self, path: Path) -> str:
+        """How the database stores a path in the home: relative to it."""
+        return path.resolve().relative_to(self.home.resolve()).as_posix()
+
+    def _absolute(self, stored: str | None) -> str | None:
+        """A stored path as a usable one (an old read-only home's paths are absolute already)."""
+        if stored is None or Path(stored).is_absolute():
+            return stored
+        return str(self.home.resolve() / stored)
 
     def _connect_read_only(self) -> sqlite3.Connection:
         """A registry in a home this process cannot write: readable, and every write is refused
@@ -274,9 +334,7 @@ class Registry:
                  socket.gethostname(), pipeline_id))
             for role, parent in parents.items():
                 db.execute("INSERT INTO parents VALUES (?, ?, ?, ?)",
-                           (run_id, role, parent.path if parent.run is None else
-                            parent.run.id + (f"@{parent.step}" if parent.step else ""),
-                            parent.run.id if parent.run else None))
+                           (run_id, role, parent.reference, parent.run.id if parent.run else None))
         return self.get(run_id)
 
     def get(self, run_id: str) -> Run:
@@ -297,7 +355,7 @@ class Registry:
             id=row["id"], stage=row["stage"], status=status, config=json.loads(row["config_json"]),
             config_hash=row["config_hash"], data_fingerprint=row["data_fingerprint"],
             versions=json.loads(row["versions_json"]), created_at=row["created_at"],
-            updated_at=row["updated_at"], model_path=row["model_path"],
+            updated_at=row["updated_at"], model_path=self._absolute(row["model_path"]),
             files=json.loads(row["files_json"]) if row["files_json"] else None,
             summary=json.loads(row["summary_json"]), pipeline_id=row["pipeline_id"],
             pid=row["pid"], host=row["host"],
@@ -321,7 +379,7 @@ class Registry:
                       ) -> Run | None:
         """The newest run of `stage` with the same config, data and parents and one of
         `statuses` (for reuse or resume); `data_fingerprint=None` matches any data."""
-        wanted = {role: (p.run.id if p.run else p.path) for role, p in parents.items()}
+        wanted = {role: (p.run.id if p.run else p.reference) for role, p in parents.items()}
         for run in reversed(self.runs(stage)):
             if run.config_hash != config_hash or data_fingerprint not in (None,
                                                                           run.data_fingerprint):
@@ -406,27 +464,35 @@ class Registry:
             # An earlier attempt of this run was killed after committing its model but before
             # recording it here; nothing references that directory, and the rerun replaces it.
             shutil.rmtree(final)
-        files = commit_directory(final, write_files)
+        files = commit_directory(final, write_files, home=self.home)
         with self._write() as db:
             db.execute("UPDATE runs SET model_path = ?, files_json = ?, status = 'completed',"
                        " updated_at = ?, summary_json = ? WHERE id = ?",
-                       (str(final.resolve()), json.dumps(files), time.time(),
+                       (self._stored_path(final), json.dumps(files), time.time(),
                         json.dumps(summary or {}, ensure_ascii=False), run_id))
         return final
 
     # -- references ---------------------------------------------------------------------------
     def resolve(self, ref: str, *, stage: str | None = None) -> Resolved:
-        """Resolve run id, `STAGE:latest`, `REF@step`, alias, or a path / hub name."""
+        """Resolve run id, `STAGE:latest`, `REF@step`, alias, a path, or a hub name (`gpt2`,
+        `org/name`, `name@revision`). A hub name is not looked up here (no network); the guard
+        checks it before a model loads."""
         if not ref or "\x00" in ref:
             raise UserError("empty or invalid reference; use a run id, STAGE:latest, an alias or a path")
-        step_match = _STEP_RE.match(ref)
-        if step_match:
-            # The run need not be completed: REF@step is how one reaches an interrupted run's states.
-            run = self.lookup(step_match.group(1))
-            if run is None:
-                raise UserError(f"'{ref}': @step works only on registry runs (a run id, "
-                                f"STAGE:latest or an alias); see `rlhf registry ls`")
-            return self._state_ref(run, int(step_match.group(2)))
+        before_at, _, after_at = ref.rpartition("@")
+        # The run need not be completed: REF@step is how one reaches an interrupted run's states.
+        stepped = self.lookup(before_at) if before_at else None
+        if stepped is not None and after_at.isascii() and after_at.isdigit():
+            return self._state_ref(stepped, int(after_at))
+        if stepped is not None:
+            raise UserError(f"'{ref}': after a run, @ takes a step number (a committed state), "
+                            f"e.g. {stepped.id}@100")
+        if before_at.endswith(":latest"):
+            raise UserError(f"'{ref}': no completed {before_at.split(':')[0]} run in the "
+                            f"registry at {self.home}; see `rlhf registry ls`")
+        if before_at and path_problem(Path(before_at), "any") is None:
+            raise UserError(f"'{ref}': @step works only on registry runs (a run id, "
+                            f"STAGE:latest or an alias); see `rlhf registry ls`")
         run = self.lookup(ref)
         if run is not None and run.stage == PIPELINE_STAGE:  # a pipeline means its final model
             final = run.summary.get("final_run")
@@ -441,7 +507,7 @@ class Registry:
             return Resolved(run.model_path, run)
         problem = path_problem(Path(ref), "directory")
         if problem is None:
-            return Resolved(str(Path(ref).resolve()))
+            return self._directory_ref(Path(ref).resolve())
         if problem.startswith("is a file"):
             raise UserError(f"'{ref}' is a file; a model reference must be a directory, a run id, "
                             f"STAGE:latest or an alias")
@@ -453,8 +519,9 @@ class Registry:
         if ref.endswith(":latest"):
             raise UserError(f"no completed {ref.split(':')[0]} run in the registry at {self.home}; "
                             f"run `rlhf run {ref.split(':')[0]}` first or pass a path")
-        if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", ref) and not ref.startswith((".", "/")):
-            return Resolved(ref)  # a hub name, for users with a network
+        hub = hub_model(ref)
+        if hub is not None:
+            return hub
         raise UserError(f"reference '{ref}' is not a run id, alias, STAGE:latest, directory or hub "
                         f"name; see `rlhf registry ls`")
 
@@ -468,9 +535,26 @@ class Registry:
         if not _NAME_RE.match(ref):
             return None
         row = self._db.execute("SELECT run_id FROM aliases WHERE name = ?", (ref,)).fetchone()
-        run_id = row["run_id"] if row else ref
+        return self._find(row["run_id"] if row else ref)
+
+    def _find(self, run_id: str) -> Run | None:
         found = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return self._to_run(found) if found else None
+
+    def _directory_ref(self, directory: Path) -> Resolved:
+        """A directory; one of this home's published models or resume states means its run,
+        so lineage records the run, not a path into the home."""
+        try:
+            parts = directory.relative_to(self.home.resolve()).parts
+        except ValueError:
+            return Resolved(str(directory))
+        run = self._find(parts[1]) if len(parts) > 1 and parts[0] == "runs" else None
+        if run is not None and parts[2:] == ("model",) and run.status == "completed":
+            return Resolved(run.model_path, run)
+        step = re.fullmatch(r"step-(\d+)", parts[3]) if len(parts) == 5 else None
+        if run is not None and step and parts[2::2] == ("state", "model"):
+            return self._state_ref(run, int(step.group(1)))
+        return Resolved(str(directory))
 
     def _state_ref(self, run: Run, step: int) -> Resolved:
         model_dir = self.run_dir(run.id) / "state" / f"step-{step}" / "model"
@@ -539,10 +623,17 @@ def resolve_model(registry: Registry | None, ref: str) -> Resolved:
         return registry.resolve(ref)
     if path_problem(Path(ref), "directory") is None:
         return Resolved(str(Path(ref).resolve()))
-    if "/" in ref and not ref.startswith((".", "/")) and not Path(ref).exists():
-        return Resolved(ref)
+    hub = None if Path(ref).exists() else hub_model(ref)
+    if hub is not None:
+        return hub
     raise UserError(f"'{ref}' is not a model directory and there is no registry to look it "
                     f"up in; pass --home DIR or a model directory")
+
+
+def hub_model(ref: str) -> Resolved | None:
+    """`gpt2`, `org/name` or either with `@revision` as a hub model; None for anything else."""
+    match = _HUB_RE.match(ref)
+    return Resolved(match["name"], revision=match["revision"]) if match else None
 
 
 def check_name(name: str, what: str) -> str:
@@ -600,11 +691,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def commit_directory(final: Path, write_files) -> dict[str, str]:
+def commit_directory(final: Path, write_files, home: Path | None = None) -> dict[str, str]:
     """Atomically create `final`: temp sibling → files → fsync → rename → manifest last.
 
     Returns the manifest's {relative path: sha256}. If `final` exists without a valid manifest (a
-    crash mid-commit) it is replaced; a committed `final` is never overwritten.
+    crash mid-commit) it is replaced; a committed `final` is never overwritten. A LoRA adapter
+    written in it whose base model lies in the registry `home` names that base relative to itself.
     """
     tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(4)}"
     try:
@@ -615,6 +707,10 @@ def commit_directory(final: Path, write_files) -> dict[str, str]:
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         write_files(tmp)
+        if home is not None:
+            for adapter_dir in [tmp, *tmp.glob("*/")]:
+                _relocate_adapter_base(adapter_dir, {home.resolve()}, home,
+                                       final / adapter_dir.relative_to(tmp))
         _fsync_tree(tmp)
         if final.exists():
             if not directory_problems(final):
@@ -633,6 +729,60 @@ def commit_directory(final: Path, write_files) -> dict[str, str]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return files
+
+
+def adapter_base(adapter_dir: Path) -> str | None:
+    """The base model a LoRA adapter directory names (None when it names none): a relative path
+    is taken from the adapter's directory, as the registry writes it; a hub name stays a name."""
+    try:
+        named = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not named or not isinstance(named, str):
+        return None
+    inside = adapter_dir / named
+    return str(inside.resolve()) if not Path(named).is_absolute() and inside.is_dir() else named
+
+
+def _relocate_adapter_base(adapter_dir: Path, old_homes: set[Path], home: Path,
+                           location: Path | None = None) -> dict[Path, str]:
+    """Rewrite an adapter's absolute base path that lies in one of `old_homes` (where this home
+    is or was) as a path relative to `location` (where the adapter directory is, or will be once
+    renamed), in its config and in the model card peft writes beside it. Returns the files
+    rewritten, each with its sha256 before."""
+    config_file = adapter_dir / ADAPTER_CONFIG
+    if not config_file.is_file():
+        return {}
+    config = json.loads(config_file.read_text())
+    base = config.get("base_model_name_or_path") or ""
+    old_home = next((old for old in old_homes
+                     if Path(base).is_absolute() and Path(base).is_relative_to(old)), None)
+    if old_home is None:
+        return {}
+    moved = home.resolve() / Path(base).relative_to(old_home)
+    relative = os.path.relpath(moved, (location or adapter_dir).resolve())
+    before = {path: sha256_file(path) for path in (config_file, adapter_dir / "README.md")
+              if path.is_file()}
+    config["base_model_name_or_path"] = relative
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    card = adapter_dir / "README.md"
+    if card in before:
+        card.write_text(card.read_text(encoding="utf-8").replace(base, relative), encoding="utf-8")
+    return before
+
+
+def _refresh_manifest_entry(path: Path, old_digest: str) -> None:
+    """Record a rewritten file's new sha256 in the manifest of the committed directory holding
+    it, if that manifest recorded the old one (a file that did not verify stays unverified)."""
+    for directory in path.parents:
+        manifest = directory / MANIFEST
+        if manifest.is_file():
+            files = json.loads(manifest.read_text())["files"]
+            name = path.relative_to(directory).as_posix()
+            if files.get(name) == old_digest:
+                files[name] = sha256_file(path)
+                write_manifest(directory, files)
+            return
 
 
 def write_manifest(directory: Path, files: dict[str, str]) -> None:

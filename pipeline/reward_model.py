@@ -35,7 +35,7 @@ MARKER_KIND = "reward_model"
 
 
 # -- building and loading ------------------------------------------------------------------------
-def reward_tokenizer(path: str, trust_remote_code: bool = False):
+def reward_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
     """The parent's tokenizer, with a pad token distinct from its EOS.
 
     transformers reads a sequence's score at its last token that is not `pad_token_id`; with
@@ -44,7 +44,7 @@ def reward_tokenizer(path: str, trust_remote_code: bool = False):
     """
     from pipeline.tokenizer import PAD_TOKEN, load_tokenizer
 
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
@@ -107,8 +107,10 @@ def load_reward_model(resolved: Resolved, trust_remote_code: bool = False,
     warn_remote_code(trust_remote_code)
     with loading_errors("a reward model", path):
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+            path, trust_remote_code=trust_remote_code, revision=resolved.revision,
+            dtype=torch.float32)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code,
+                               revision=resolved.revision)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if marker and marker.get("shift"):

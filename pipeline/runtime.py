@@ -172,7 +172,8 @@ class StageRun:
                 (tmp / "trainer_state.json").write_text(
                     json.dumps({"step": step, "extra": extra}, indent=1, ensure_ascii=False))
 
-            commit_directory(self.run_dir / "state" / f"step-{step}", write)
+            commit_directory(self.run_dir / "state" / f"step-{step}", write,
+                             home=self.registry.home)
             self._prune_states()
         self.accelerator.wait_for_everyone()
 

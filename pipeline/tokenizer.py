@@ -131,8 +131,10 @@ def train_tokenizer(
     return tokenizer
 
 
-def load_tokenizer(path_or_name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer with `AutoTokenizer` and make it usable by every stage.
+def load_tokenizer(path_or_name: str, trust_remote_code: bool = False,
+                   revision: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer with `AutoTokenizer` (a hub name at `revision`) and make it usable by
+    every stage.
 
     A tokenizer without a chat template gets `CHAT_TEMPLATE` (see `ensure_chat_template`); one
     without a pad token gets one (see `ensure_pad_token`). Both may add tokens: compare
@@ -141,7 +143,8 @@ def load_tokenizer(path_or_name: str, trust_remote_code: bool = False) -> PreTra
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=trust_remote_code,
+                                                  revision=revision)
     except (OSError, ValueError) as err:
         raise UserError(
             f"cannot load a tokenizer from '{path_or_name}': {first_line(err)}; "

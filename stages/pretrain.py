@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipeline.config import Section, StageConfig
+from pipeline.config import HubDataSection, Section, StageConfig
 from pipeline.data.fingerprint import fingerprint_files
 from pipeline.data.formats import read_text_corpus
 from pipeline.data.packing import pack_blocks
@@ -41,7 +41,7 @@ class TokenizerSection(Section):
     vocab_size: int = Field(2048, ge=300, description="vocabulary of a newly trained tokenizer")
 
 
-class DataSection(Section):
+class DataSection(HubDataSection):
     sources: list[str] = Field(default_factory=list,
                                description="text/JSONL/Parquet files, directories or a hub data set; "
                                            "empty = the embedded world's corpus")
@@ -71,7 +71,7 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     # source leaves the home as it was.
     source = _load_source(config, parents["model"]) if "model" in parents else None
     paths = corpus_paths(config, registry)
-    texts = read_text_corpus(paths, text_field=config.data.text_field)
+    texts = read_text_corpus(paths, text_field=config.data.text_field, hub=config.data.hub_split())
     stage_run = StageRun.open("pretrain", config, registry, parents=parents,
                               data_fingerprint=fingerprint_files(paths), restart=restart,
                               pipeline_id=pipeline_id)
@@ -112,7 +112,7 @@ def _load_source(config: Config, resolved: Resolved) -> tuple:
     """(tokenizer, model) of a checkpoint to continue pretraining."""
     trust = config.runtime.trust_remote_code
     path = require_causal_lm(resolved, "model.source", trust)
-    return (load_tokenizer(path, trust_remote_code=trust),
+    return (load_tokenizer(path, trust_remote_code=trust, revision=resolved.revision),
             load_causal_lm(resolved, trust_remote_code=trust, role="model.source"))
 
 

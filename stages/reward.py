@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipeline.config import LoraConfig, Section, StageConfig
+from pipeline.config import HeldOutHubDataSection, LoraConfig, Section, StageConfig
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_ranked_rows
 from pipeline.data.packing import right_pad
@@ -55,7 +55,7 @@ class ModelSection(Section):
                         "reference (run id, STAGE:latest, alias), a local HF directory or a hub name")
 
 
-class DataSection(Section):
+class DataSection(HeldOutHubDataSection):
     train_files: list[str] = Field(default_factory=list, description="ranked-answer files, "
                                    "directories or a hub data set; empty = the embedded world's "
                                    "reward_train.jsonl")
@@ -64,7 +64,8 @@ class DataSection(Section):
                                   "those are given")
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of train_files prompts held "
                                  "out when eval_files is empty")
-    format: Literal["auto", "ranked", "scored", "pairwise", "transcripts"] = Field(
+    format: Literal["auto", "ranked", "scored", "pairwise", "transcripts",
+                    "ultrafeedback"] = Field(
         "auto", description="row format; auto detects it from the first row's columns")
     columns: dict[str, str] = Field(default_factory=dict, description="our column name → yours, "
                                     "e.g. {chosen: better, rejected: worse}")
@@ -124,7 +125,7 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code
     tokenizer = reward_tokenizer(require_causal_lm(parents["model"], "model.source", trust),
-                                 trust_remote_code=trust)
+                                 trust_remote_code=trust, revision=parents["model"].revision)
     check_context(tokenizer, config.data.max_length)
     train_files, eval_files = train_and_eval_files(registry, config.data, "reward")
     train_set, eval_set = load_splits(tokenizer, train_files, eval_files, config)
@@ -200,17 +201,18 @@ def load_splits(tokenizer, train_files: list[str], eval_files: list[str],
     """Read and encode both splits; without eval files, hold out `eval_fraction` of the prompts."""
     train_rows = read_rows(train_files, config.data)
     if eval_files:
-        eval_rows = read_rows(eval_files, config.data)
+        eval_rows = read_rows(eval_files, config.data, held_out=True)
     else:
         train_rows, eval_rows = hold_out(train_rows, config.data.eval_fraction, config.seed)
     return (encode_rankings(tokenizer, train_rows, config.data, "train"),
             encode_rankings(tokenizer, eval_rows, config.data, "eval"))
 
 
-def read_rows(sources: list[str], data: DataSection) -> list[dict]:
+def read_rows(sources: list[str], data: DataSection, held_out: bool = False) -> list[dict]:
     """Every ranked row of the sources, each with `_where` = "file:line" for messages."""
+    hub = data.eval_hub_split() if held_out else data.hub_split()
     return [{**row, "_where": f"{source}:{row['_line']}"} for source in sources
-            for row in load_ranked_rows(source, data.format, data.columns)]
+            for row in load_ranked_rows(source, data.format, data.columns, hub)]
 
 
 def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -313,7 +315,7 @@ def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[str]:
     """Answers of the parent model to `prompts` (with its own tokenizer), seeded."""
     trust = config.runtime.trust_remote_code
     policy = load_causal_lm(parent, trust_remote_code=trust, trainable_adapter=False)
-    tokenizer = load_tokenizer(parent.path, trust_remote_code=trust)
+    tokenizer = load_tokenizer(parent.path, trust_remote_code=trust, revision=parent.revision)
     sampling = SamplingConfig(max_new_tokens=config.normalize.max_new_tokens,
                               temperature=config.normalize.temperature)
     return sample(policy, tokenizer, prompts, sampling, seed=config.seed)

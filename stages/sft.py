@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import LoraConfig, Section, StageConfig
+from pipeline.config import HeldOutHubDataSection, LoraConfig, Section, StageConfig
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_sft_rows
 from pipeline.data.packing import pack_examples, pad_labeled
@@ -45,13 +45,14 @@ class ModelSection(Section):
                         "reference (run id, STAGE:latest, alias), an HF directory or a hub name")
 
 
-class DataSection(Section):
+class DataSection(HeldOutHubDataSection):
     train_files: list[str] = Field(default_factory=list, description="SFT files, directories or a "
                                    "hub data set; empty = the embedded world's sft_train.jsonl")
     eval_files: list[str] = Field(default_factory=list, description="held-out SFT data for the "
                                   "eval loss; empty = the world's sft_eval.jsonl when train_files "
                                   "is empty too, else no eval loss")
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = Field(
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt",
+                    "transcripts"] = Field(
         "auto", description="row format; auto detects it from the first row's columns")
     columns: dict[str, str] = Field(default_factory=dict, description="our column name → yours, "
                                     "e.g. {prompt: question, completion: answer}")
@@ -96,7 +97,7 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code
     tokenizer = load_tokenizer(require_causal_lm(parents["model"], "model.source", trust),
-                               trust_remote_code=trust)
+                               trust_remote_code=trust, revision=parents["model"].revision)
     check_context(tokenizer, config.data.max_length)
     check_lora_start(parents["model"], tokenizer, config.lora, trust)
     train_files, eval_files = train_and_eval_files(registry, config.data, "sft")
@@ -204,7 +205,8 @@ def check_lora_start(parent: Resolved, tokenizer, lora: LoraConfig,
         raise UserError(f"model.source {parent.path} is a LoRA adapter; export it merged first "
                         f"(rlhf export REF OUT --merge) and set model.source to OUT")
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(parent.path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(parent.path, trust_remote_code=trust_remote_code,
+                                        revision=parent.revision)
     vocab_size = config.vocab_size
     if len(tokenizer) > vocab_size:
         raise UserError(f"the tokenizer of {parent.path} needs {len(tokenizer) - vocab_size} new "
@@ -222,9 +224,11 @@ def prepare_model(model, tokenizer, lora: LoraConfig, parent: Resolved):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = apply_lora(model, lora)
     if lora.enabled:
-        # The published adapter names its base: the parent's published directory, absolute, so
-        # `rlhf export --merge` and plain peft find it from anywhere.
+        # The published adapter names its base: the parent's directory (the registry writes one
+        # in its home relative to the adapter, so the home can move; `rlhf export` makes it
+        # absolute again).
         model.peft_config["default"].base_model_name_or_path = parent_base_path(parent)
+        model.peft_config["default"].revision = parent.revision  # a hub base's revision
     return model
 
 
@@ -237,8 +241,9 @@ def parent_base_path(parent: Resolved) -> str:
 def encode_split(tokenizer, sources: list[str], data: DataSection, split: str) -> EncodedSplit:
     """Load every source with the configured format and encode it with assistant-only labels."""
     split_data = EncodedSplit(split)
+    hub = data.eval_hub_split() if split == "eval" else data.hub_split()
     for source in sources:
-        for row in load_sft_rows(source, data.format, data.columns):
+        for row in load_sft_rows(source, data.format, data.columns, hub):
             split_data.rows += 1
             try:
                 encoded = encode_chat(tokenizer, row["messages"], data.max_length, data.truncation)

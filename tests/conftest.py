@@ -20,6 +20,10 @@ import pytest
 
 from pipeline.registry import Registry, Resolved, Run
 
+# No test reaches the model hub: hub names resolve from the local hub cache only (set before
+# huggingface_hub is imported, which reads it once; CLI subprocesses inherit it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # What a published model directory holds, in miniature: the registry only hashes the bytes.

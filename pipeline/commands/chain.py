@@ -2,6 +2,7 @@
 registry, and resume interrupted work.
 
     rlhf pipeline run configs/tiny/pipeline.yaml [sft.train.max_steps=50 ...] [--from|--only STAGE]
+    rlhf pipeline run tiny        (a shipped preset, from any directory: see pipeline/presets.py)
     rlhf resume [RUN]
 
 A pipeline YAML names, per stage, a config file and overrides, plus an optional `seed` (given to
@@ -39,6 +40,7 @@ from pipeline.console import info
 from pipeline.config import (Section, StageConfig, apply_override, config_hash, read_yaml, to_dict,
                              validate)
 from pipeline.errors import UserError
+from pipeline.presets import pipeline_source
 from pipeline.registry import PIPELINE_STAGE, Registry, Resolved, Run
 from pipeline.runtime import is_main_process
 from stages import STAGES
@@ -148,12 +150,16 @@ def load_pipeline_config(path: str | Path, overrides: list[str]) -> tuple[Pipeli
 
 
 def stage_config(name: str, entry: StageEntry, seed: int | None, extra: list[str],
-                 source: str) -> StageConfig:
+                 source: str, base: Path | None = None) -> StageConfig:
     """One stage's config: its YAML, then the pipeline seed, its overrides, then the command
-    line's."""
+    line's. A preset's (`base` set) relative YAML path not found from the working directory is
+    the shipped one."""
     where = f"{source} (stages.{name})"
+    config_file = entry.config
+    if config_file and base is not None and not Path(config_file).exists():
+        config_file = str(base / config_file)
     try:
-        raw = read_yaml(entry.config) if entry.config else {}
+        raw = read_yaml(config_file) if config_file else {}
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
     if seed is not None:
@@ -195,12 +201,14 @@ def reached(chain: list[str], selected: list[str]) -> list[str]:
 
 def plan_from_yaml(path: str | Path, overrides: list[str], from_stage: str | None = None,
                    only: str | None = None) -> Plan:
-    """Validate the pipeline YAML and every stage config it names (nothing is registered yet)."""
+    """Validate the pipeline YAML (a file, or a preset's by name) and every stage config it names
+    (nothing is registered yet)."""
+    path, base = pipeline_source(str(path))
     pipeline_config, per_stage = load_pipeline_config(path, overrides)
     chain = chain_stages(pipeline_config.start)
     selected = select_stages(chain, from_stage, only)
     configs = {name: stage_config(name, getattr(pipeline_config.stages, name),
-                                  pipeline_config.seed, per_stage.get(name, []), str(path))
+                                  pipeline_config.seed, per_stage.get(name, []), str(path), base)
                for name in reached(chain, selected)}
     unused = sorted(set(per_stage) - set(configs))
     if unused:
@@ -231,7 +239,7 @@ def execute(plan: Plan, registry: Registry, *, restart: bool = False) -> Run | N
     """
     start = registry.resolve(plan.start) if plan.start else None
     if start is not None:  # `pretrain:latest` today and tomorrow may differ: record which it was
-        plan = replace(plan, start=reference_of(start))
+        plan = replace(plan, start=start.reference)
     outputs: dict[str, Resolved] = {"pretrain": start} if start else {}
     record: dict[str, dict] = {}
 
@@ -261,20 +269,13 @@ def execute(plan: Plan, registry: Registry, *, restart: bool = False) -> Run | N
         return None
     final = outputs[plan.selected[-1]]
     registry.set_status(pipeline.id, "completed", summary={
-        "stages": record, "final_run": final.run.id, "model_path": final.path})
+        "stages": record, "final_run": final.run.id})
     return registry.get(pipeline.id)
 
 
 def parents_of(name: str, outputs: dict[str, Resolved]) -> dict[str, Resolved]:
     """A stage's parents: the upstream outputs of this pipeline, by role."""
     return {role: outputs[upstream] for role, upstream in STAGES[name].inputs.items()}
-
-
-def reference_of(resolved: Resolved) -> str:
-    """A reference that keeps naming the same model: the run id (and step), or the path."""
-    if resolved.run is None:
-        return resolved.path
-    return resolved.run.id + (f"@{resolved.step}" if resolved.step is not None else "")
 
 
 def open_pipeline_run(registry: Registry, plan: Plan, start: Resolved | None,
@@ -330,18 +331,18 @@ def cmd_pipeline_run(args) -> int:
     registry = Registry(args.home, create=plan.selected[0] == next(iter(plan.configs)))
     pipeline = execute(plan, registry, restart=args.restart)
     if pipeline is not None:
-        print_outcome(pipeline)
+        print_outcome(pipeline, registry)
     return 0
 
 
-def print_outcome(pipeline: Run) -> None:
+def print_outcome(pipeline: Run, registry: Registry) -> None:
     """A line per stage on stderr, and the pipeline's result as one JSON line on stdout."""
     stages = pipeline.summary["stages"]
     for name, entry in stages.items():
         say(f"{name:<9} {entry['how']:<8} {entry['run']}  ({entry['seconds']:.0f} s)")
     print(json.dumps({"run": pipeline.id, "status": pipeline.status, "stages": stages,
                       "final_run": pipeline.summary["final_run"],
-                      "model_path": pipeline.summary["model_path"]}))
+                      "model_path": registry.get(pipeline.summary["final_run"]).model_path}))
 
 
 def cmd_resume(args) -> int:
@@ -363,7 +364,7 @@ def cmd_resume(args) -> int:
     if target.stage == PIPELINE_STAGE:
         pipeline = execute(plan_from_run(target), registry)
         if pipeline is not None:
-            print_outcome(pipeline)
+            print_outcome(pipeline, registry)
         return 0
     run = resume_stage_run(registry, target)
     if is_main_process():

@@ -336,7 +336,8 @@ def _add_pipeline(commands) -> None:
     pipe = commands.add_parser("pipeline", help="run the stages in order")
     sub = pipe.add_subparsers(title="pipeline commands", metavar="ACTION")
     run = sub.add_parser("run", help="run pretrain → sft → reward → ppo (reusing finished stages)")
-    run.add_argument("config", help="pipeline YAML, e.g. configs/tiny/pipeline.yaml")
+    run.add_argument("config", help="pipeline YAML (e.g. configs/tiny/pipeline.yaml) or the "
+                                    "name of a shipped preset (tiny, small)")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="STAGE.KEY=VALUE overrides a stage's config, KEY=VALUE the pipeline's")
     run.add_argument("--from", dest="from_stage", help="start at this stage")

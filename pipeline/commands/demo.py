@@ -3,8 +3,9 @@ after each stage, and two questions put to the final model.
 
     python -m pipeline.commands.demo [sft.train.max_steps=50 ...]   (home: ./runs or $RLHF_HOME)
 
-It runs `configs/tiny/pipeline.yaml` exactly as `rlhf pipeline run` does, so running it again
-reuses every finished stage, and an interrupted demo continues where it stopped.
+It runs the tiny preset (`configs/tiny/pipeline.yaml`) exactly as `rlhf pipeline run tiny` does,
+so running it again reuses every finished stage, and an interrupted demo continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pipeline.errors import run_command
 from pipeline.generation import Conversation, SamplingConfig, load_for_sampling
 from pipeline.registry import Registry, resolve_model
 
-PIPELINE_YAML = "configs/tiny/pipeline.yaml"
+PIPELINE_YAML = "tiny"
 CONVERSATION = ("How many legs do three chickens have?", "What sound does a cow make?")
 
 

@@ -3,7 +3,8 @@
     rlhf export sft:latest exported/ --merge
 
 The checkpoint is verified against its manifest first. Without --merge its files are copied as
-they are (a LoRA checkpoint stays an adapter that names its base). With --merge a LoRA adapter is
+they are (a LoRA checkpoint stays an adapter that names its base, by absolute path, since the
+copy is not beside the registry's base any more). With --merge a LoRA adapter is
 folded into its base model's weights, so OUT loads with `AutoModelForCausalLM.from_pretrained(OUT)`
 and no peft; a full model has nothing to merge and is copied. OUT is written like every registry
 directory (temporary sibling, rename, manifest last), so it is either complete or absent.
@@ -19,15 +20,15 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.guard import ADAPTER_CONFIG
 from pipeline.models import load_causal_lm, merge_adapter
-from pipeline.registry import MANIFEST, Registry, Resolved, commit_directory
+from pipeline.registry import MANIFEST, Registry, Resolved, adapter_base, commit_directory
 from pipeline.tokenizer import load_tokenizer
 
 
 def cmd_export(args) -> int:
     resolved = Registry(args.home).resolve(args.ref)
     if not resolved.is_local:
-        raise UserError(f"'{args.ref}' is not a local checkpoint; export a registry run or a "
-                        "model directory")
+        raise UserError(f"'{args.ref}' is not a run id, alias, STAGE:latest or model directory; "
+                        "export a registry run or a model directory")
     out = Path(args.out)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new output directory")
@@ -39,18 +40,26 @@ def cmd_export(args) -> int:
     if args.merge and is_adapter:
         commit_directory(out, lambda tmp: write_merged(resolved, tmp))
     else:
-        commit_directory(out, lambda tmp: shutil.copytree(
-            source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST)))
+        commit_directory(out, lambda tmp: copy_checkpoint(source, tmp))
     note = describe_adapter(source, args.merge) if is_adapter else ""
     print(f"exported {args.ref} → {out}{note}")
     return 0
 
 
+def copy_checkpoint(source: Path, directory: Path) -> None:
+    """The checkpoint's files as they are, but an adapter names its base where it is now."""
+    shutil.copytree(source, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
+    config_file = directory / ADAPTER_CONFIG
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = adapter_base(source)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def describe_adapter(source: Path, merged: bool) -> str:
     if merged:
         return " (LoRA adapter merged into its base)"
-    base = json.loads((source / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    return f" (a LoRA adapter on {base}; --merge writes a full model)"
+    return f" (a LoRA adapter on {adapter_base(source)}; --merge writes a full model)"
 
 
 def write_merged(resolved: Resolved, directory: Path) -> None:

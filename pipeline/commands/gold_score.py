@@ -31,7 +31,7 @@ def cmd_gold_score(args) -> int:
     prompts_file = settings.prompts_path(registry, world)
     prompts = settings.prompts(registry, world)
     model = load_causal_lm(resolved, trainable_adapter=False, role=args.ref)
-    tokenizer = load_tokenizer(resolved.path)
+    tokenizer = load_tokenizer(resolved.path, revision=resolved.revision)
     check_eos(tokenizer, model, resolved.path)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # A tokenizer that needed chat tokens added: the model has never seen them, but sampling

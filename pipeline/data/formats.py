@@ -10,17 +10,23 @@ Sources, accepted by every loader:
   separated by blank lines);
 - a local directory: every such file in it and below it, in sorted path order;
 - a hub data set name (anything that is not a local path), loaded with
-  `datasets.load_dataset(name, split="train")`.
+  `datasets.load_dataset(name, config, split=split)`, `HubSplit` saying which config and split.
 
 Text encoding: files must be UTF-8. A UTF-8 byte order mark at the start of a file is accepted and
 dropped; CRLF line endings are accepted.
 
 Normalized shapes:
 - SFT rows: `{"messages": [{"role", "content"}, ...], "_line": n}`, from the `messages`,
-  `prompt_completion`, `alpaca` and `sharegpt` formats.
+  `prompt_completion`, `alpaca`, `sharegpt` and `transcripts` formats.
 - Ranked rows: `{"prompt": str | messages, "responses": [str, ...], "ranks": [int, ...], "_line": n}`
   where `ranks[i]` is response i's place (0 = best, equal numbers = tie), from the `ranked`,
-  `pairwise`, `transcripts` and `scored` formats.
+  `pairwise`, `transcripts`, `scored` and `ultrafeedback` formats.
+
+Dialogue transcripts (Anthropic HH-RLHF: "\n\nHuman: …\n\nAssistant: …") become chat messages,
+one per turn: for SFT the whole `chosen` conversation; for reward data the turns before the last
+answer are the prompt and the two last answers are ranked. UltraFeedback rows (an `instruction`
+and its `completions`, each with an `overall_score` or per-aspect ratings) rank the completions by
+score, equal scores tied.
 
 `columns` maps the names used here to the user's column names, e.g.
 `{"prompt": "question", "completion": "answer"}`.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -51,6 +58,8 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "system": "system"}
 TRANSCRIPT_ANSWER_MARK = "\n\nAssistant:"
+TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant):")
+TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 # Each format with the columns it reads; a format is auto-detected when the first row has all of
 # its required columns, checked in this order (more specific formats first).
@@ -59,6 +68,7 @@ SFT_FORMATS = {
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
+    "transcripts": ("chosen",),  # detected only when it holds a transcript (see detect_format)
 }
 SFT_OPTIONAL_COLUMNS = ("input",)
 RANKED_FORMATS = {
@@ -66,7 +76,15 @@ RANKED_FORMATS = {
     "scored": ("prompt", "responses"),
     "pairwise": ("prompt", "chosen", "rejected"),
     "transcripts": ("chosen", "rejected"),
+    "ultrafeedback": ("instruction", "completions"),
 }
+
+
+class HubSplit(NamedTuple):
+    """Which part of a hub data set to read: a configuration (subset) and a split."""
+
+    config: str | None = None
+    split: str = "train"
 
 
 class Record(NamedTuple):
@@ -260,17 +278,20 @@ def _read_txt_documents(path: Path) -> list[str]:
     return documents
 
 
-def load_hub_rows(name: str, split: str = "train") -> list[tuple[int, dict]]:
-    """Load a data set with `datasets.load_dataset(name, split=split)`: `(row number, row)` pairs."""
+def load_hub_rows(name: str, hub: HubSplit = HubSplit()) -> list[tuple[int, dict]]:
+    """Load a data set with `datasets.load_dataset(name, config, split=split)`: `(row number, row)`
+    pairs."""
     import datasets  # lazy: heavy, and only hub users need it
 
     try:
-        rows = datasets.load_dataset(name, split=split).to_list()
+        rows = datasets.load_dataset(name, hub.config, split=hub.split).to_list()
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
         raise UserError(f"{name}: not a local file or directory, and loading it as a hub data set "
-                        f"failed ({first_line(err)}); check the path or the data set name") from None
+                        f"failed ({first_line(err)}); check the path, or the data set name with its "
+                        f"config and split") from None
     if not rows:
-        raise UserError(f"{name}: the data set's {split!r} split has no rows; give a data set with data")
+        raise UserError(f"{name}: the data set's {hub.split!r} split has no rows; give a data set "
+                        "with data")
     return list(enumerate(rows, start=1))
 
 
@@ -318,26 +339,26 @@ def _file_records(path: Path) -> list[Record]:
     return [Record(str(path), number, row) for number, row in numbered]
 
 
-def _hub_records(name: str) -> list[Record]:
-    return [Record(name, number, row) for number, row in load_hub_rows(name)]
+def _hub_records(name: str, hub: HubSplit) -> list[Record]:
+    return [Record(name, number, row) for number, row in load_hub_rows(name, hub)]
 
 
-def read_records(path_or_name: str | Path) -> list[Record]:
+def read_records(path_or_name: str | Path, hub: HubSplit = HubSplit()) -> list[Record]:
     """Every row of a data file, a directory of them, or a hub data set, with where it came from."""
     files = _local_files(path_or_name, ROW_SUFFIXES)
     if files is None:
-        return _hub_records(str(path_or_name))
+        return _hub_records(str(path_or_name), hub)
     return [record for path in files for record in _file_records(path)]
 
 
-def read_text_corpus(paths_or_dirs: str | Path | Iterable[str | Path],
-                     text_field: str = "text") -> list[str]:
+def read_text_corpus(paths_or_dirs: str | Path | Iterable[str | Path], text_field: str = "text",
+                     hub: HubSplit = HubSplit()) -> list[str]:
     """All documents of one or more text sources (.txt, JSON Lines, Parquet, directory, hub name)."""
     documents: list[str] = []
     for source in as_list(paths_or_dirs):
         files = _local_files(source, TEXT_SUFFIXES)
         if files is None:
-            documents += _texts(_hub_records(str(source)), text_field)
+            documents += _texts(_hub_records(str(source), hub), text_field)
         for path in files or []:
             documents += (_read_txt_documents(path) if path.suffix == ".txt"
                           else _texts(_file_records(path), text_field))
@@ -390,12 +411,21 @@ def _checked_columns(columns: dict[str, str] | None, formats: dict[str, tuple[st
 
 def detect_format(row: dict, formats: dict[str, tuple[str, ...]],
                   columns: dict[str, str] | None = None) -> str | None:
-    """The first format whose required columns (after the column mapping) the row has."""
+    """The first format whose required columns (after the column mapping) the row has. SFT's
+    `transcripts` row must also hold a transcript in `chosen`: a pairwise file has that column
+    too, with one answer in it."""
     columns = columns or {}
     for name, needed in formats.items():
         if all(columns.get(column, column) in row for column in needed):
+            if formats is SFT_FORMATS and name == "transcripts" and not _holds_transcript(
+                    row[columns.get("chosen", "chosen")]):
+                continue
             return name
     return None
+
+
+def _holds_transcript(value: Any) -> bool:
+    return isinstance(value, str) and TRANSCRIPT_TURN.match(value) is not None
 
 
 def _resolved_format(fmt: str, first: Record, columns: dict[str, str],
@@ -468,11 +498,28 @@ def _sft_sharegpt(record: Record, columns: dict[str, str]) -> list[dict]:
                   role_key="from", content_key="value", role_names=SHAREGPT_ROLES)
 
 
+def _sft_transcript(record: Record, columns: dict[str, str]) -> list[dict]:
+    return transcript_messages(_string(_mapped(record, "chosen", columns), record, "chosen"),
+                               record, "chosen")
+
+
+def transcript_messages(transcript: str, record: Record, what: str) -> list[dict]:
+    """A transcript's turns as chat messages, each without the space after its mark:
+    "\\n\\nHuman: Hi\\n\\nAssistant: Hello." → [{user: "Hi"}, {assistant: "Hello."}]."""
+    pieces = TRANSCRIPT_TURN.split(transcript)  # [before the first mark, role, text, role, ...]
+    if pieces[0].strip() or len(pieces) == 1:
+        raise UserError(f"{record.where}: {what} does not start with a '\\n\\nHuman:' turn; a "
+                        "transcript is '\\n\\nHuman: …\\n\\nAssistant: …' turns")
+    return [{"role": TRANSCRIPT_ROLES[role], "content": text.strip()}
+            for role, text in zip(pieces[1::2], pieces[2::2])]
+
+
 SFT_ADAPTERS: dict[str, Callable[[Record, dict[str, str]], list[dict]]] = {
     "messages": _sft_messages,
     "sharegpt": _sft_sharegpt,
     "alpaca": _sft_alpaca,
     "prompt_completion": _sft_prompt_completion,
+    "transcripts": _sft_transcript,
 }
 
 
@@ -489,10 +536,10 @@ def _checked_conversation(messages: list[dict], record: Record) -> list[dict]:
 
 
 def load_sft_rows(path_or_name: str | Path, fmt: str = "auto",
-                  columns: dict[str, str] | None = None) -> list[dict]:
+                  columns: dict[str, str] | None = None, hub: HubSplit = HubSplit()) -> list[dict]:
     """Load SFT data as `{"messages": [...], "_line": n}` rows from any supported format."""
     columns = _checked_columns(columns, SFT_FORMATS, SFT_OPTIONAL_COLUMNS)
-    records = read_records(path_or_name)
+    records = read_records(path_or_name, hub)
     adapter = SFT_ADAPTERS[_resolved_format(fmt, records[0], columns, SFT_FORMATS)]
     return [{"messages": _checked_conversation(adapter(record, columns), record), "_line": record.line}
             for record in records]
@@ -505,10 +552,10 @@ def load_sft_rows(path_or_name: str | Path, fmt: str = "auto",
 RankedParts = tuple[Any, list, list[int]]
 
 
-def _response_list(record: Record, columns: dict[str, str]) -> list:
-    responses = _mapped(record, "responses", columns)
+def _response_list(record: Record, columns: dict[str, str], name: str = "responses") -> list:
+    responses = _mapped(record, name, columns)
     if not isinstance(responses, list):
-        raise UserError(f"{record.where}: responses must be a list, found {_json_type(responses)}; "
+        raise UserError(f"{record.where}: {name} must be a list, found {_json_type(responses)}; "
                         "fix the row")
     if len(responses) < 2:
         raise UserError(f"{record.where}: {len(responses)} response(s), a ranking needs at least 2; "
@@ -559,15 +606,17 @@ def _scored_value(item: Any, index: int, record: Record) -> tuple[str, float]:
         raise UserError(f"{record.where}: responses[{index}] must be {{'text', 'rank'}} or "
                         "{'text', 'score'} (plain-text responses need a 'ranking' column); fix the row")
     key = "rank" if "rank" in item else "score"
-    value = item[key]
+    return key, _finite_number(item[key], f"responses[{index}]", key, record)
+
+
+def _finite_number(value: Any, where: str, key: str, record: Record) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{record.where}: responses[{index}] has a non-numeric {key} {value!r}; "
-                        "use a number")
+        raise UserError(f"{record.where}: {where} has a non-numeric {key} {value!r}; use a number")
     if math.isnan(value):
-        raise UserError(f"{record.where}: responses[{index}] has a NaN {key}; use a number")
+        raise UserError(f"{record.where}: {where} has a NaN {key}; use a number")
     if math.isinf(value):
-        raise UserError(f"{record.where}: responses[{index}] has an infinite {key}; use a finite number")
-    return key, value
+        raise UserError(f"{record.where}: {where} has an infinite {key}; use a finite number")
+    return value
 
 
 def ranked_parts(record: Record, columns: dict[str, str]) -> RankedParts:
@@ -600,18 +649,51 @@ def _transcript_parts(record: Record, columns: dict[str, str]) -> RankedParts:
     return chosen_prompt, [chosen, rejected], [0, 1]
 
 
-def _split_transcript(record: Record, name: str, columns: dict[str, str]) -> tuple[str, str]:
-    """Split "…\\n\\nAssistant: answer" after its LAST assistant mark: (prompt, answer).
-
-    The prompt keeps the mark, so prompt + answer gives back the transcript unchanged.
-    """
+def _split_transcript(record: Record, name: str, columns: dict[str, str]) -> tuple[list[dict], str]:
+    """A transcript as (the conversation before its last turn, as messages; that turn's answer)."""
     transcript = _string(_mapped(record, name, columns), record, name)
-    cut = transcript.rfind(TRANSCRIPT_ANSWER_MARK)
-    if cut < 0:
+    if TRANSCRIPT_ANSWER_MARK not in transcript:
         raise UserError(f"{record.where}: {name} has no '\\n\\nAssistant:' turn; a transcript must "
                         "end with the assistant's answer")
-    cut += len(TRANSCRIPT_ANSWER_MARK)
-    return transcript[:cut], transcript[cut:]
+    messages = transcript_messages(transcript, record, name)
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{record.where}: {name} ends with a '\\n\\nHuman:' turn; a transcript "
+                        "must end with the assistant's answer")
+    return messages[:-1], messages[-1]["content"]
+
+
+def _ultrafeedback_parts(record: Record, columns: dict[str, str]) -> RankedParts:
+    completions = _response_list(record, columns, "completions")
+    scores = [_completion_score(item, index, record) for index, item in enumerate(completions)]
+    return (_mapped(record, "instruction", columns), [item["response"] for item in completions],
+            _dense_ranks(scores, higher_is_better=True))
+
+
+def _completion_score(item: Any, index: int, record: Record) -> float:
+    """An UltraFeedback completion's `overall_score`, else the mean of its aspects' ratings
+    (`annotations: {helpfulness: {Rating: "4"}, ...}`, "N/A" left out)."""
+    where = f"completions[{index}]"
+    if not isinstance(item, dict) or "response" not in item:
+        raise UserError(f"{record.where}: {where} must be an object with 'response' and "
+                        "'overall_score' (or 'annotations' with ratings); fix the row")
+    if "overall_score" in item:
+        return _finite_number(item["overall_score"], where, "overall_score", record)
+    annotations = item.get("annotations")
+    ratings = [aspect.get("Rating") for aspect in annotations.values()
+               if isinstance(aspect, dict)] if isinstance(annotations, dict) else []
+    numbers = [float(rating) for rating in ratings
+               if isinstance(rating, (int, float, str)) and _is_number(rating)]
+    if not numbers:
+        raise UserError(f"{record.where}: {where} has no 'overall_score' and no numeric "
+                        "annotations.*.Rating; give it a score")
+    return sum(numbers) / len(numbers)
+
+
+def _is_number(value: int | float | str) -> bool:
+    try:
+        return math.isfinite(float(value)) and not isinstance(value, bool)
+    except ValueError:
+        return False
 
 
 RANKED_ADAPTERS: dict[str, Callable[[Record, dict[str, str]], RankedParts]] = {
@@ -619,6 +701,7 @@ RANKED_ADAPTERS: dict[str, Callable[[Record, dict[str, str]], RankedParts]] = {
     "scored": _scored_parts,
     "pairwise": _pairwise_parts,
     "transcripts": _transcript_parts,
+    "ultrafeedback": _ultrafeedback_parts,
 }
 
 
@@ -651,9 +734,9 @@ def ranked_row(record: Record, parts: RankedParts) -> dict:
 
 
 def load_ranked_rows(path_or_name: str | Path, fmt: str = "auto",
-                     columns: dict[str, str] | None = None) -> list[dict]:
+                     columns: dict[str, str] | None = None, hub: HubSplit = HubSplit()) -> list[dict]:
     """Load reward data as `{"prompt", "responses", "ranks", "_line"}` rows from any ranked format."""
     columns = _checked_columns(columns, RANKED_FORMATS)
-    records = read_records(path_or_name)
+    records = read_records(path_or_name, hub)
     adapter = RANKED_ADAPTERS[_resolved_format(fmt, records[0], columns, RANKED_FORMATS)]
     return [ranked_row(record, adapter(record, columns)) for record in records]

@@ -93,7 +93,8 @@ def load_inputs(config: Config, registry: Registry, parents: dict[str, Resolved]
     """Load the starting policy, the reward model and the data, and check that they fit together."""
     trust = config.runtime.trust_remote_code
     policy_path = require_causal_lm(parents["policy"], "model.policy", trust)
-    tokenizer = load_tokenizer(policy_path, trust_remote_code=trust)
+    tokenizer = load_tokenizer(policy_path, trust_remote_code=trust,
+                               revision=parents["policy"].revision)
     start_policy = merge_adapter(load_causal_lm(parents["policy"], trust_remote_code=trust,
                                                 trainable_adapter=False, role="model.policy"))
     check_eos(tokenizer, start_policy, policy_path)

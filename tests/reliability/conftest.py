@@ -13,12 +13,13 @@ run in this process, which is seconds faster per command.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
-from faults import Chain, KillPoint, copy_home, run_and_kill
+from faults import Chain, KillPoint, run_and_kill
 
 
 def pytest_configure(config):
@@ -33,7 +34,7 @@ def chain(tmp_path_factory) -> Chain:
 
 @pytest.fixture
 def pretrain_home(chain, tmp_path) -> Path:
-    return copy_home(chain.reference("pretrain").home, tmp_path / "home")
+    return shutil.copytree(chain.reference("pretrain").home, tmp_path / "home")
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +48,7 @@ def interrupted_pretrain(chain, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def interrupted_home(interrupted_pretrain, tmp_path) -> Path:
-    return copy_home(interrupted_pretrain, tmp_path / "home")
+    return shutil.copytree(interrupted_pretrain, tmp_path / "home")
 
 
 class CliResult(NamedTuple):

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import random
 import shutil
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -356,17 +355,3 @@ def file_digests(home: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `home`."""
     return {str(path.relative_to(home)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted(home.rglob("*")) if path.is_file()}
-
-
-def copy_home(source: Path, target: Path) -> Path:
-    """A copy of a registry home whose runs point at the copy's files, not the original's.
-
-    The registry records published models by absolute path, so a plain copy would still verify
-    and load the original's models.
-    """
-    shutil.copytree(source, target)
-    with sqlite3.connect(target / "registry.db") as db:
-        db.execute("UPDATE runs SET model_path = replace(model_path, ?, ?)",
-                   (str(source.resolve()), str(target.resolve())))
-    db.close()
-    return target

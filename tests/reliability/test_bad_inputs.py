@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from faults import copy_home, file_digests
+from faults import file_digests
 from model_dirs import PICKLE_MARKER, build_model_dirs
 from pipeline.registry import Registry
 from stages import STAGES
@@ -108,6 +108,11 @@ BAD_FILES: dict[str, bytes] = {
                                  b'"rejected": "Human: hi Assistant: b"}\n',
     "transcripts_differ.jsonl": b'{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", '
                                 b'"rejected": "\\n\\nHuman: yo\\n\\nAssistant: b"}\n',
+    "transcripts_human_last.jsonl": b'{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a\\n\\nHuman: ?", '
+                                    b'"rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}\n',
+    "transcript_text_first.jsonl": b'{"chosen": "Hi there\\n\\nHuman: hi\\n\\nAssistant: a"}\n',
+    "ultrafeedback_unscored.jsonl": b'{"instruction": "i", "completions": [{"response": "a", '
+                                    b'"overall_score": 1}, {"response": "b", "annotations": {}}]}\n',
     # prompt files (ppo, gold evals, label)
     "prompts_empty_prompt.jsonl": b'{"prompt": "  "}\n',
     "prompts_no_prompt.jsonl": b'{"question": "Legs?"}\n',
@@ -266,6 +271,8 @@ CATALOGUE: dict[str, list[Row]] = {
         Row("resume-unknown-run", ["resume", "nosuch"], "no run 'nosuch'"),
         Row("report-unknown-run", ["report", "nosuch"], "no run 'nosuch'"),
         Row("pipeline-missing-yaml", ["pipeline", "run", "{bad}/gone.yaml"], "does not exist"),
+        Row("pipeline-unknown-preset", ["pipeline", "run", "tinny"],
+            "tinny: no such file, and not a preset (presets: "),
         Row("pipeline-from-unknown-stage", [*PIPELINE, "--from", "sftt"],
             "--from sftt: no such stage; did you mean 'sft'?"),
         Row("pipeline-from-and-only", [*PIPELINE, "--from", "sft", "--only", "ppo"],
@@ -517,6 +524,13 @@ CATALOGUE: dict[str, list[Row]] = {
             "chosen has no '\\n\\nAssistant:' turn", stage="reward"),
         Row("transcripts-differ-before-answer", reward_data("transcripts_differ.jsonl"),
             "chosen and rejected differ before their last", stage="reward"),
+        Row("transcript-ends-with-human", reward_data("transcripts_human_last.jsonl"),
+            "chosen ends with a '\\n\\nHuman:' turn", stage="reward"),
+        Row("sft-transcript-text-before-first-turn",
+            [*sft_data("transcript_text_first.jsonl"), "data.format=transcripts"],
+            "chosen does not start with a '\\n\\nHuman:' turn", stage="sft"),
+        Row("ultrafeedback-completion-unscored", reward_data("ultrafeedback_unscored.jsonl"),
+            "completions[1] has no 'overall_score'", stage="reward"),
         Row("prompt-file-empty-prompt", ppo_args("data.prompts_file={bad}/prompts_empty_prompt.jsonl"),
             "prompts_empty_prompt.jsonl:1: expected a non-empty text", stage="ppo"),
         Row("gold-prompts-without-prompt", ["data", "gold-score", "{run}", "--prompts",
@@ -538,7 +552,10 @@ CATALOGUE: dict[str, list[Row]] = {
         Row("ref-step-without-run", ["run", "sft", "model.source=@5"],
             "reference '@5' is not a run id", stage="sft"),
         Row("ref-step-not-a-number", ["run", "sft", "model.source={run}@latest"],
-            "is not a run id", stage="sft"),
+            "after a run, @ takes a step number", stage="sft"),
+        Row("ref-hub-name-not-cached", ["run", "sft", "model.source=nosuch-model@v2"],
+            "model.source: 'nosuch-model@v2' is not a run id, alias, STAGE:latest or directory, "
+            "nor a hub model (not in the local hub cache, and HF_HUB_OFFLINE is set)", stage="sft"),
         Row("ref-step-of-a-path", ["run", "sft", "model.source={bad}/no_data@3"],
             "@step works only on registry runs", stage="sft"),
         Row("ref-is-a-file", ["run", "sft", "model.source={bad}/nan.jsonl"], "is a file",
@@ -585,8 +602,8 @@ CATALOGUE: dict[str, list[Row]] = {
             fault="disk_full"),
         Row("full-disk-alias", ["registry", "alias", "best", "{run}"],
             "database or disk is full", fault="disk_full"),
-        Row("moved-home", ["run", "sft", "model.source={run}"], "failed verification",
-            home="{moved}", stage="sft"),
+        Row("home-models-deleted", ["run", "sft", "model.source={run}"], "failed verification",
+            home="{no_models}", stage="sft"),
         # An empty home stays empty, whatever fails.
         Row("empty-home-bad-reference", ["run", "sft", "model.source=nosuch"],
             "'nosuch' is not a run id", home="{empty}", stage="sft"),
@@ -607,10 +624,10 @@ ROWS = [row for rows in CATALOGUE.values() for row in rows]
 def catalogue(chain, tmp_path_factory) -> dict[str, str]:
     """The placeholders of the rows: a home with a completed pretrain run (the chain's), a reward
     run, an interrupted run and an unfinished pipeline; the bad files; the model directories; a
-    copy of the home whose models moved away."""
+    copy of the home whose published models were deleted."""
     root = tmp_path_factory.mktemp("catalogue")
     reference = chain.reference("pretrain")
-    home = copy_home(reference.home, root / "home")
+    home = shutil.copytree(reference.home, root / "home")
     models = build_model_dirs(root / "models", Path(reference.model_path))
     registry = Registry(home)
     try:
@@ -622,8 +639,9 @@ def catalogue(chain, tmp_path_factory) -> dict[str, str]:
         registry.set_status(pipeline.id, "failed")
     finally:
         registry.close()
-    moved = copy_home(home, root / "moved")
-    move_models_away(moved)
+    no_models = shutil.copytree(home, root / "no-models")
+    for model_dir in no_models.glob("runs/*/model"):
+        shutil.rmtree(model_dir)
     bad = root / "bad"
     for name, content in BAD_FILES.items():
         (bad / name).parent.mkdir(parents=True, exist_ok=True)
@@ -631,7 +649,7 @@ def catalogue(chain, tmp_path_factory) -> dict[str, str]:
     special_paths(bad)
     return {"{home}": str(home), "{bad}": str(bad), "{run}": reference.run_id,
             "{reward_run}": reward.id, "{unfinished}": unfinished.id, "{pipeline}": pipeline.id,
-            "{models}": str(root / "models"), "{moved}": str(moved),
+            "{models}": str(root / "models"), "{no_models}": str(no_models),
             "{empty}": str(root / "empty")}
 
 
@@ -641,22 +659,13 @@ def add_published_run(registry: Registry, stage: str, model_dir: Path, parents: 
     return registry.get(run.id)
 
 
-def move_models_away(home: Path) -> None:
-    """As if the home had been moved after its runs were recorded: the absolute model paths in
-    its database name a place that is no longer there."""
-    with sqlite3.connect(home / "registry.db") as db:
-        db.execute("UPDATE runs SET model_path = replace(model_path, ?, ?)",
-                   (str(home.resolve()), str(home.resolve()) + "-before-the-move"))
-    db.close()
-
-
 @pytest.fixture(scope="module")
 def open_folder(catalogue):
     """A folder an unprivileged user can read but not write: a copy of the catalogue's home and
     an unreadable data file (made under /tmp, since pytest's own folders are private to root)."""
     folder = Path(tempfile.mkdtemp(prefix="rlhf-catalogue-"))
     folder.chmod(0o755)
-    home = copy_home(Path(catalogue["{home}"]), folder / "home")
+    home = shutil.copytree(catalogue["{home}"], folder / "home")
     for path in [home, *home.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     unreadable = folder / "unreadable.jsonl"

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sqlite3
 
 import pytest
 
-from faults import (STAGES, KillPoint, copy_home, kill_trial, registry_problems,
+from faults import (STAGES, KillPoint, kill_trial, registry_problems,
                     result_problems, rlhf, run_and_kill)
 from pipeline.config import CheckpointConfig, StageConfig
 from pipeline.registry import Registry, commit_directory, list_states
@@ -37,7 +38,7 @@ def test_killed_while_writing_a_checkpoint_then_rerun_matches_uninterrupted(stag
 def test_killed_after_committing_its_model_before_registering_it(chain, tmp_path):
     """The window between the published model's manifest and the registry's record of it."""
     reference = chain.reference("pretrain")
-    home = copy_home(reference.home, tmp_path / "home")
+    home = shutil.copytree(reference.home, tmp_path / "home")
     with sqlite3.connect(home / "registry.db") as db:  # as the killed process left it
         db.execute("UPDATE runs SET status = 'running', model_path = NULL, files_json = NULL, "
                    "pid = NULL WHERE id = ?", (reference.run_id,))

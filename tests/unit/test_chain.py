@@ -290,3 +290,24 @@ def test_resume_command_continues_a_stage_run_with_its_config_and_parents(fake, 
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["run"] == failed.id and result["status"] == "completed"
     assert fake.calls[-1] == ("sft", {"model": base.id})
+
+
+# -- presets ---------------------------------------------------------------------------------------
+def test_a_preset_name_runs_its_shipped_configs_from_any_directory(tmp_path, monkeypatch):
+    from pipeline.presets import preset_names
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert {"tiny", "small"} <= set(preset_names())
+    plan = plan_from_yaml("tiny", ["sft.train.max_steps=3"])
+    assert list(plan.configs) == list(STAGES)
+    assert plan.configs["sft"].train.max_steps == 3
+    assert plan.configs["reward"].train.max_steps == 1000  # configs/tiny/reward.yaml's value
+    monkeypatch.chdir(REPO_ROOT)
+    assert plan.digest() == plan_from_yaml("configs/tiny/pipeline.yaml",
+                                           ["sft.train.max_steps=3"]).digest()
+
+
+def test_an_unknown_preset_names_the_presets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"tinny: no such file, and not a preset \(presets: .*tiny"):
+        plan_from_yaml("tinny", [])

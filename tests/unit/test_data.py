@@ -162,19 +162,21 @@ def test_text_corpus_non_local_name_goes_to_the_hub(tmp_path, monkeypatch, local
     real_load = datasets.load_dataset
     requested = []
 
-    def load_dataset(name, split):
-        requested.append((name, split))
-        return real_load(str(source), split=split)
+    def load_dataset(name, config, split):
+        requested.append((name, config, split))
+        return real_load(str(source), split="train")
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     assert data.read_text_corpus("someone/corpus") == ["from the hub"]
-    assert requested == [("someone/corpus", "train")]
+    assert data.read_text_corpus("someone/corpus", hub=data.HubSplit("en", "train[:10%]")) == \
+        ["from the hub"]
+    assert requested == [("someone/corpus", None, "train"), ("someone/corpus", "en", "train[:10%]")]
 
 
 def test_text_corpus_hub_failure_is_a_user_error(monkeypatch):
     import datasets
 
-    def unreachable(name, split):
+    def unreachable(name, config, split):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub\nsecond line")
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
@@ -283,7 +285,22 @@ SFT_EXPECTED = {
                       {"role": "user", "content": "天空是什么颜色？"},
                       {"role": "assistant", "content": "蓝色。"}], "_line": 2},
     ],
+    "transcripts": [  # the `chosen` conversation, turn by turn
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                      {"role": "user", "content": "How many legs do two chickens have?"},
+                      {"role": "assistant", "content": "Two chickens have 4 legs."}], "_line": 1},
+        {"messages": [{"role": "user", "content": "一只猫有几条腿？"},
+                      {"role": "assistant", "content": "四条。"}], "_line": 2},
+    ],
 }
+
+
+def test_a_pairwise_file_is_no_sft_transcript(tmp_path):
+    """`chosen` alone does not make a row a transcript: it must hold '\\n\\nHuman:' turns."""
+    path = write_rows(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert "cannot tell the data format" in error_of(data.load_sft_rows, path)
+    assert "does not start with a '\\n\\nHuman:' turn" in error_of(
+        data.load_sft_rows, path, fmt="transcripts")
 
 
 @pytest.mark.parametrize("fmt", sorted(SFT_EXPECTED))
@@ -320,7 +337,8 @@ def test_sft_hub_name_goes_through_datasets(tmp_path, monkeypatch, local_dataset
     source.mkdir()
     write_rows(source / "train.jsonl", [{"instruction": "i", "input": None, "output": "o"}])
     real_load = datasets.load_dataset
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: real_load(str(source), split=split))
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, config, split: real_load(str(source), split=split))
     assert data.load_sft_rows("someone/sft") == [
         {"messages": [{"role": "user", "content": "i"}, {"role": "assistant", "content": "o"}], "_line": 1}]
 
@@ -404,11 +422,17 @@ RANKED_EXPECTED = {
         {"prompt": "Capital of France?", "responses": ["Paris.", "Lyon."], "ranks": [0, 1], "_line": 1},
         {"prompt": "中国的首都是哪里？", "responses": ["北京。", "上海。"], "ranks": [0, 1], "_line": 2},
     ],
-    "transcripts": [
-        {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Capital of Japan?\n\nAssistant:",
-         "responses": [" Tokyo.", " Kyoto."], "ranks": [0, 1], "_line": 1},
-        {"prompt": "\n\nHuman: 你好\n\nAssistant:", "responses": [" 你好！", " 走开。"],
+    "transcripts": [  # the turns before the last answer become the prompt's messages
+        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "Capital of Japan?"}],
+         "responses": ["Tokyo.", "Kyoto."], "ranks": [0, 1], "_line": 1},
+        {"prompt": [{"role": "user", "content": "你好"}], "responses": ["你好！", "走开。"],
          "ranks": [0, 1], "_line": 2},
+    ],
+    "ultrafeedback": [  # by overall_score, else the mean of the numeric ratings; ties kept
+        {"prompt": "Name a primary colour.", "responses": ["Red.", "Purple.", "Blue."],
+         "ranks": [0, 1, 0], "_line": 1},
+        {"prompt": "两只鸡有几条腿？", "responses": ["五条。", "四条。"], "ranks": [1, 0], "_line": 2},
     ],
     "scored": [
         {"prompt": "Describe the sea.", "responses": ["wet", "vast and blue", "salty"],
@@ -428,7 +452,9 @@ def test_ranked_fixture_loads_to_expected_rows(fmt, requested):
 
 @pytest.mark.parametrize("name, stages", [
     ("reward_ranked.jsonl", {"reward": 3, "ppo": 3}),   # its prompts can also feed PPO
-    ("reward_transcripts.jsonl", {"reward": 2}),
+    ("reward_transcripts.jsonl", {"reward": 2, "sft": 2}),  # SFT learns the chosen dialogue
+    ("reward_ultrafeedback.jsonl", {"reward": 2}),
+    ("sft_transcripts.jsonl", {"sft": 2}),
     ("sft_alpaca.jsonl", {"sft": 3}),
     ("sft_messages.jsonl", {"sft": 2}),
 ])
@@ -483,6 +509,8 @@ VALID_RANKED_ROWS = {
     "pairwise": {"prompt": "fine", "chosen": "x", "rejected": "y"},
     "transcripts": {"chosen": "\n\nHuman: q\n\nAssistant: x", "rejected": "\n\nHuman: q\n\nAssistant: y"},
     "scored": {"prompt": "fine", "responses": [{"text": "x", "score": 1}, {"text": "y", "score": 0}]},
+    "ultrafeedback": {"instruction": "fine", "completions": [{"response": "x", "overall_score": 2},
+                                                             {"response": "y", "overall_score": 1}]},
 }
 
 
@@ -567,6 +595,22 @@ def test_transcript_without_assistant_turn(tmp_path):
     assert "rejected has no '\\n\\nAssistant:' turn" in ranked_error(tmp_path, "transcripts", row)
 
 
+def test_transcript_ending_with_the_human(tmp_path):
+    row = {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: A\n\nAssistant: y\n\nHuman: ?"}
+    assert "rejected ends with a '\\n\\nHuman:' turn" in ranked_error(tmp_path, "transcripts", row)
+
+
+@pytest.mark.parametrize("completion, reason", [
+    ({"text": "x", "overall_score": 1}, "completions[1] must be an object with 'response'"),
+    ({"response": "x", "overall_score": "high"}, "completions[1] has a non-numeric overall_score"),
+    ({"response": "x", "annotations": {"honesty": {"Rating": "N/A"}}},
+     "completions[1] has no 'overall_score' and no numeric annotations.*.Rating"),
+])
+def test_ultrafeedback_completion_without_a_score(tmp_path, completion, reason):
+    row = {"instruction": "i", "completions": [{"response": "a", "overall_score": 1}, completion]}
+    assert reason in ranked_error(tmp_path, "ultrafeedback", row)
+
+
 def test_response_message_list_without_assistant(tmp_path):
     row = {"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": "y"}
     assert "responses[0] has no assistant message" in ranked_error(tmp_path, "pairwise", row)
@@ -576,3 +620,13 @@ def test_ranked_missing_column(tmp_path):
     row = {"prompt": "p", "responses": ["a", "b"], "order": [0, 1]}
     message = ranked_error(tmp_path, "ranked", row)
     assert "missing column 'ranking' (found: prompt, responses, order)" in message
+
+
+def test_a_transcript_is_the_same_conversation_for_sft_and_reward():
+    """SFT learns the chosen dialogue; the reward model scores its last answer after the same
+    turns, as messages the chat template renders turn by turn."""
+    sft = data.load_sft_rows(FIXTURES / "reward_transcripts.jsonl")
+    ranked = data.load_ranked_rows(FIXTURES / "reward_transcripts.jsonl")
+    for conversation, row in zip(sft, ranked):
+        chosen = row["responses"][row["ranks"].index(0)]
+        assert conversation["messages"] == [*row["prompt"], {"role": "assistant", "content": chosen}]

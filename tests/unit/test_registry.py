@@ -152,9 +152,21 @@ def test_run_at_step_ignores_an_uncommitted_state(registry, make_run):
         registry.resolve(f"{run.id}@3")
 
 
-def test_step_suffix_on_something_that_is_not_a_run(registry, tmp_path):
-    with pytest.raises(UserError, match="@step works only on registry runs"):
-        registry.resolve("nope@5")
+def test_step_suffix_on_a_stage_without_runs(registry):
+    with pytest.raises(UserError, match="'sft:latest@5': no completed sft run in the registry"):
+        registry.resolve("sft:latest@5")
+
+
+@pytest.mark.parametrize("ref, name, revision", [
+    ("gpt2", "gpt2", None),
+    ("org/model", "org/model", None),
+    ("gpt2@v1.0", "gpt2", "v1.0"),
+    ("org/model@refs/pr/3", "org/model", "refs/pr/3"),
+    ("nope@5", "nope", "5"),  # not a run: a hub model's revision
+])
+def test_hub_names_as_users_write_them(registry, ref, name, revision):
+    hub = registry.resolve(ref)
+    assert (hub.path, hub.revision, hub.run, hub.reference) == (name, revision, None, ref)
 
 
 def test_plain_directory_and_hub_name(registry, tmp_path):
@@ -167,7 +179,8 @@ def test_plain_directory_and_hub_name(registry, tmp_path):
 
 
 @pytest.mark.parametrize("ref, message", [
-    ("nope", "reference 'nope' is not a run id"),
+    ("no pe", "reference 'no pe' is not a run id"),
+    ("-nope", "reference '-nope' is not a run id"),
     ("", "empty or invalid reference"),
     ("bad\x00ref", "empty or invalid reference"),
 ])
@@ -421,3 +434,110 @@ def test_two_processes_write_one_registry(home):
         i = float(run.config["i"])
         assert registry.metrics(run.id) == {"loss": [(int(i), i)], "step_seen": [(int(i), i)]}
     registry.close()
+
+
+# --- a home that moves -------------------------------------------------------------------------
+
+
+def write_adapter(base: str):
+    """A `write_files` for a LoRA adapter directory that names `base` as its base model."""
+    def write(directory: Path) -> None:
+        (directory / "adapter_config.json").write_text(json.dumps(
+            {"base_model_name_or_path": base, "peft_type": "LORA"}))
+        (directory / "adapter_model.safetensors").write_bytes(b"adapter")
+    return write
+
+
+def stored_model_paths(home: Path) -> list[str]:
+    import sqlite3
+    with sqlite3.connect(home / "registry.db") as db:
+        return [row[0] for row in db.execute("SELECT model_path FROM runs ORDER BY created_at")]
+
+
+def published_pair(registry: Registry, outside: Path) -> tuple:
+    """A published base model and a LoRA adapter on it, plus one on a model outside the home."""
+    base = registry.create_run("pretrain", {}, "h1", parents={})
+    registry.publish(base.id, write_model)
+    base = registry.get(base.id)
+    adapter = registry.create_run("sft", {}, "h2", parents={"model": registry.resolve(base.id)})
+    registry.publish(adapter.id, write_adapter(base.model_path))
+    foreign = registry.create_run("sft", {}, "h3", parents={"model": registry.resolve(str(outside))})
+    registry.publish(foreign.id, write_adapter(str(outside)))
+    return base, registry.get(adapter.id), registry.get(foreign.id)
+
+
+def test_a_moved_home_resolves_every_reference_and_verifies(tmp_path):
+    from pipeline.registry import adapter_base
+    home, outside = tmp_path / "home", tmp_path / "user-model"
+    outside.mkdir()
+    registry = Registry(home)
+    base, adapter, foreign = published_pair(registry, outside)
+    registry.set_alias("best", adapter.id)
+    commit_state(registry, adapter.id, 2)
+    registry.close()
+    assert stored_model_paths(home) == [f"runs/{run.id}/model" for run in (base, adapter, foreign)]
+    config = json.loads((Path(adapter.model_path) / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == f"../../{base.id}/model"  # from the adapter's dir
+
+    moved = tmp_path / "elsewhere" / "moved-home"
+    moved.parent.mkdir()
+    home.rename(moved)
+    registry = Registry(moved)
+    assert registry.verify() == []
+    assert registry.resolve("best").path == str(moved / "runs" / adapter.id / "model")
+    assert registry.resolve(f"{adapter.id}@2").path == \
+        str(moved / "runs" / adapter.id / "state" / "step-2" / "model")
+    assert adapter_base(Path(registry.resolve("sft:latest").path)) == str(outside)  # outside: as is
+    assert adapter_base(Path(registry.resolve(adapter.id).path)) == \
+        str(moved / "runs" / base.id / "model")
+    registry.close()
+
+
+def test_a_directory_inside_the_home_resolves_to_its_run(registry, home):
+    run = registry.create_run("pretrain", {}, "h1", parents={})
+    registry.publish(run.id, write_model)
+    commit_state(registry, run.id, 3)
+
+    published = registry.resolve(str(home / "runs" / run.id / "model"))
+    state = registry.resolve(str(home / "runs" / run.id / "state" / "step-3" / "model"))
+
+    assert (published.run.id, published.step) == (run.id, None)
+    assert (state.run.id, state.step) == (run.id, 3)
+    child = registry.create_run("sft", {}, "h2", parents={"model": state})
+    assert registry.get(child.id).parents == {"model": f"{run.id}@3"}  # a run, not a path
+    assert registry.resolve(str(home / "runs")).run is None  # not a model of a run: a directory
+
+
+def test_an_old_home_with_absolute_paths_is_upgraded_once_with_a_message(tmp_path, capsys):
+    """A home written when the database stored absolute paths, and moved since: opening it
+    rewrites them relative to the home: 3 model paths and 1 adapter's base (with its manifest)."""
+    import sqlite3
+    old, outside = tmp_path / "old-home", tmp_path / "user-model"
+    outside.mkdir()
+    registry = Registry(old)
+    base, adapter, foreign = published_pair(registry, outside)
+    registry.close()
+    adapter_file = old / "runs" / adapter.id / "model" / "adapter_config.json"
+    adapter_file.write_text(json.dumps({"base_model_name_or_path": base.model_path}))
+    manifest = json.loads((adapter_file.parent / MANIFEST).read_text())
+    manifest["files"]["adapter_config.json"] = sha256(adapter_file.read_bytes())
+    (adapter_file.parent / MANIFEST).write_text(json.dumps(manifest))
+    with sqlite3.connect(old / "registry.db") as db:  # as the registry wrote it before
+        db.execute("UPDATE runs SET model_path = ? || '/' || model_path", (str(old.resolve()),))
+        db.execute("PRAGMA user_version = 0")
+    db.close()
+    moved = old.rename(tmp_path / "moved")
+    capsys.readouterr()
+
+    registry = Registry(moved)
+    assert "4 stored path(s) made relative to the home" in capsys.readouterr().err
+    assert registry.verify() == []
+    assert registry.resolve(adapter.id).path == str(moved / "runs" / adapter.id / "model")
+    assert json.loads((moved / "runs" / adapter.id / "model" / "adapter_config.json").read_text()) \
+        == {"base_model_name_or_path": f"../../{base.id}/model"}
+    assert registry.get(adapter.id).files == \
+        json.loads((moved / "runs" / adapter.id / "model" / MANIFEST).read_text())["files"]
+    registry.close()
+    Registry(moved).close()
+    assert capsys.readouterr().err == ""  # once
+    assert stored_model_paths(moved)[0] == f"runs/{base.id}/model"

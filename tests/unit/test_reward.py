@@ -223,6 +223,7 @@ def test_score_sequences_keeps_input_order(reward_parts):
     ("reward_pairwise.jsonl", "pairwise", [2, 2], [0, 1]),
     ("reward_transcripts.jsonl", "transcripts", [2, 2], [0, 1]),
     ("reward_scored.jsonl", "scored", [3, 3], [1, 0, 1]),
+    ("reward_ultrafeedback.jsonl", "ultrafeedback", [3, 2], [0, 1, 0]),
 ])
 @pytest.mark.parametrize("requested", ["auto", "explicit"])
 def test_every_format_goes_through_the_stage_data_path(reward_parts, name, fmt, ks, first_ranks,
@@ -235,6 +236,22 @@ def test_every_format_goes_through_the_stage_data_path(reward_parts, name, fmt, 
     assert ranked.rows[0]["ranks"] == first_ranks
     assert all(seq[-1] == tokenizer.eos_token_id for seqs in ranked.sequences for seq in seqs)
     assert ranked.rows[0]["_where"] == f"{FIXTURES / name}:1"
+
+
+def test_held_out_hub_rows_come_from_the_eval_split(monkeypatch):
+    import datasets
+
+    requested = []
+
+    def load_dataset(name, config, split):
+        requested.append((name, config, split))
+        return datasets.Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data = DataSection(config="cfg", split="train", eval_split="test_prefs")
+    read_rows(["someone/prefs"], data)
+    read_rows(["someone/prefs"], data, held_out=True)
+    assert requested == [("someone/prefs", "cfg", "train"), ("someone/prefs", "cfg", "test_prefs")]
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:

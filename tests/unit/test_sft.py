@@ -134,6 +134,7 @@ ADAPTER_ANSWERS = {
     "alpaca": ["cat", "large", "1, 2, 3"],
     "prompt_completion": ["Red.", "水。", "Hi!"],
     "sharegpt": ["9", "蓝色。"],
+    "transcripts": ["Hello.", "Two chickens have 4 legs.", "四条。"],  # every assistant turn
 }
 
 
@@ -148,6 +149,23 @@ def test_each_format_runs_through_the_data_path(tokenizer, fmt, declared):
             for run in labelled_runs(tokenizer, batch["input_ids"][row], batch["labels"][row])]
     assert runs == [answer + END for answer in ADAPTER_ANSWERS[fmt]]
     assert (split.rows, split.truncated, split.dropped) == (len(split.examples), 0, 0)
+
+
+def test_hub_data_sets_are_read_with_the_configured_config_and_splits(tokenizer, monkeypatch):
+    import datasets
+
+    requested = []
+
+    def load_dataset(name, config, split):
+        requested.append((name, config, split))
+        return datasets.Dataset.from_list([{"prompt": "Hi", "completion": "Hello."}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data = DataSection(config="helpful-base", split="train[:10%]", eval_split="validation")
+    encode_split(tokenizer, ["Anthropic/hh-rlhf"], data, "train")
+    encode_split(tokenizer, ["Anthropic/hh-rlhf"], data, "eval")
+    assert requested == [("Anthropic/hh-rlhf", "helpful-base", "train[:10%]"),
+                         ("Anthropic/hh-rlhf", "helpful-base", "validation")]
 
 
 def test_columns_mapping_reads_the_users_names(tokenizer, tmp_path):
