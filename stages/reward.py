@@ -38,7 +38,7 @@ from pipeline.data.packing import right_pad
 from pipeline.errors import UserError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.loop import fit, micro_batch_indices
-from pipeline.guard import require_causal_lm
+from pipeline.guard import check_chat_model, require_causal_lm
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.ranking import encode_groups, kwise_ranking_loss, ranking_metrics
 from pipeline.registry import Registry, Resolved, Run
@@ -46,7 +46,7 @@ from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_mode
                                    encode_ranked_row, regroup, reward_tokenizer, score_sequences,
                                    sequence_scores)
 from pipeline.runtime import StageRun
-from pipeline.tokenizer import check_context, load_tokenizer
+from pipeline.tokenizer import load_tokenizer
 from pipeline.world.cache import WorldSection, train_and_eval_files
 
 
@@ -123,9 +123,9 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code
-    tokenizer = reward_tokenizer(require_causal_lm(parents["model"], "model.source", trust),
-                                 trust_remote_code=trust)
-    check_context(tokenizer, config.data.max_length)
+    source = require_causal_lm(parents["model"], "model.source", trust)
+    tokenizer = reward_tokenizer(source, trust_remote_code=trust)
+    check_chat_model(source, tokenizer, "model.source", config.data.max_length)
     train_files, eval_files = train_and_eval_files(registry, config.data, "reward")
     train_set, eval_set = load_splits(tokenizer, train_files, eval_files, config)
     stage_run = StageRun.open("reward", config, registry, parents=parents,

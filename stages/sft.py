@@ -31,11 +31,11 @@ from pipeline.data.formats import load_sft_rows
 from pipeline.data.packing import pack_examples, pad_labeled
 from pipeline.errors import UserError
 from pipeline.loop import fit, micro_batch_indices, to_device
-from pipeline.guard import ADAPTER_CONFIG, require_causal_lm
+from pipeline.guard import ADAPTER_CONFIG, check_chat_model, require_causal_lm
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.runtime import StageRun
-from pipeline.tokenizer import IGNORE_INDEX, check_context, encode_chat, load_tokenizer
+from pipeline.tokenizer import IGNORE_INDEX, encode_chat, load_tokenizer
 from pipeline.world.cache import WorldSection, train_and_eval_files
 from pipeline.world.evaluation import GoldEvalSection, gold_eval, gold_metrics
 
@@ -95,9 +95,9 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code
-    tokenizer = load_tokenizer(require_causal_lm(parents["model"], "model.source", trust),
-                               trust_remote_code=trust)
-    check_context(tokenizer, config.data.max_length)
+    source = require_causal_lm(parents["model"], "model.source", trust)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust)
+    check_chat_model(source, tokenizer, "model.source", config.data.max_length)
     check_lora_start(parents["model"], tokenizer, config.lora, trust)
     train_files, eval_files = train_and_eval_files(registry, config.data, "sft")
     train_set = encode_split(tokenizer, train_files, config.data, "train")
