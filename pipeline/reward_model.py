@@ -19,13 +19,13 @@ The reward stage, PPO, `rlhf score`, `rlhf chat --reward` and the labeling page 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from pipeline.console import progress_bar
 from pipeline.data.packing import right_pad
 from pipeline.errors import UserError
 from pipeline.guard import REWARD_MARKER, require_reward_model
@@ -152,15 +152,16 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.no_grad()
 def score_sequences(model, seqs: list[list[int]], batch_size: int = 32,
-                    progress: bool = False) -> list[float]:
-    """Scores of encoded sequences, in their order. Batches group similar lengths (little padding)."""
+                    progress: str = "") -> list[float]:
+    """Scores of encoded sequences, in their order. Batches group similar lengths (little padding).
+    `progress` labels a progress bar over the answers (none when empty)."""
     device = next(model.parameters()).device
     pad_id = model.config.pad_token_id
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     scores = [0.0] * len(seqs)
     was_training = model.training
     model.eval()
-    bar = _progress_bar(len(seqs), progress)
+    bar = progress_bar(len(seqs), progress, "answer")
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         input_ids, attention_mask = right_pad([seqs[i] for i in chunk], pad_id)
@@ -171,12 +172,6 @@ def score_sequences(model, seqs: list[list[int]], batch_size: int = 32,
     bar.close()
     model.train(was_training)
     return scores
-
-
-def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="score", unit="answer", file=sys.stderr, dynamic_ncols=True,
-                disable=not enabled or os.environ.get("RLHF_NO_PROGRESS") == "1")
 
 
 def context_length(model, tokenizer) -> int:

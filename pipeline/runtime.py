@@ -29,6 +29,7 @@ from transformers.utils import logging as transformers_logging
 
 import pipeline
 from pipeline.config import RuntimeConfig, StageConfig, config_hash, to_dict
+from pipeline.console import progress_bar
 from pipeline.errors import UserError
 from pipeline.registry import (Registry, Resolved, Run, commit_directory, directory_problems,
                                list_states)
@@ -36,13 +37,6 @@ from pipeline.registry import (Registry, Resolved, Run, commit_directory, direct
 # Saving or loading a checkpoint is not a long task worth its own bar; stage progress bars are ours.
 disable_progress_bars()
 transformers_logging.disable_progress_bar()
-
-
-def is_main_process() -> bool:
-    """Whether this process writes records and prints results: under torchrun or accelerate
-    launch every process runs the same command, and the one of rank 0 speaks for them. (A
-    `StageRun` asks its accelerator, which reads the same rank.)"""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Accelerator:
@@ -142,10 +136,8 @@ class StageRun:
             self.accelerator.log(values, step=step)
 
     def progress(self, total: int, desc: str):
-        from tqdm.auto import tqdm
-        return tqdm(total=total, initial=self.start_step, desc=desc, unit="step",
-                    disable=not self.is_main or os.environ.get("RLHF_NO_PROGRESS") == "1",
-                    dynamic_ncols=True, file=sys.stderr)
+        """The bar of the training steps, starting where a resumed run starts."""
+        return progress_bar(total, desc, "step", initial=self.start_step)
 
     # -- resume states ------------------------------------------------------------------------
     def save_state(self, step: int, *, models: dict[str, Any], optimizers: dict[str, Any],

@@ -276,7 +276,7 @@ def score_batch_size(config: Config) -> int:
 def held_out_metrics(model, eval_set: RankedSet, batch_size: int, shift: float) -> dict:
     """`pipeline.ranking.ranking_metrics` of the eval rankings, on scores minus `shift`."""
     flat = score_sequences(model, [seq for seqs in eval_set.sequences for seq in seqs],
-                           batch_size=batch_size)
+                           batch_size=batch_size, progress="reward: score held-out answers")
     score_lists = regroup([score - shift for score in flat], [len(s) for s in eval_set.sequences])
     return ranking_metrics(score_lists, [row["ranks"] for row in eval_set.rows])
 
@@ -305,7 +305,8 @@ def normalization_shift(model, tokenizer, eval_set: RankedSet, config: Config,
         prompts = [row["prompt"] for row in eval_set.rows[:norm.prompts]]
         answers = sample_parent(parent, prompts, config)
         seqs, _ = encode_answers(tokenizer, prompts, answers, config.data.max_length)
-    scores = score_sequences(model, seqs, batch_size=score_batch_size(config))
+    scores = score_sequences(model, seqs, batch_size=score_batch_size(config),
+                             progress="reward: score answers to normalize")
     return {"shift": float(np.mean(scores)), "answers": norm.answers, "count": len(seqs)}
 
 
@@ -316,7 +317,8 @@ def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[str]:
     tokenizer = load_tokenizer(parent.path, trust_remote_code=trust)
     sampling = SamplingConfig(max_new_tokens=config.normalize.max_new_tokens,
                               temperature=config.normalize.temperature)
-    return sample(policy, tokenizer, prompts, sampling, seed=config.seed)
+    return sample(policy, tokenizer, prompts, sampling, seed=config.seed,
+                  progress="reward: sample answers to normalize")
 
 
 def describe_metrics(metrics: dict, normalization: dict) -> str:

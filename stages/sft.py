@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.config import LoraConfig, Section, StageConfig
+from pipeline.console import progress_bar
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_sft_rows
 from pipeline.data.packing import pack_examples, pad_labeled
@@ -274,12 +275,15 @@ def answer_tokens(batch: dict) -> int:
 def eval_answer_loss(model, examples: list[dict], train, pad_id: int, device) -> dict:
     """Loss per answer token over up to `eval_batches` batches of held-out conversations."""
     total, tokens = 0.0, 0
-    limit = train.eval_batches * train.batch_size
-    for start in range(0, min(len(examples), limit), train.batch_size):
+    starts = range(0, min(len(examples), train.eval_batches * train.batch_size), train.batch_size)
+    bar = progress_bar(len(starts), "sft: eval loss", "batch")
+    for start in starts:
         batch = to_device(pad_labeled(examples[start: start + train.batch_size], pad_id), device)
         n_answer = answer_tokens(batch)  # the model's loss is their mean: weigh by their count
         total += sft_loss(model, batch)[0].float().item() * n_answer
         tokens += n_answer
+        bar.update()
+    bar.close()
     return {"eval_loss": total / max(tokens, 1)}
 
 

@@ -70,8 +70,8 @@ def qwen_style_model(directory: Path) -> Path:
     return directory
 
 
-def rlhf(home: Path, *args: str, stdin: str = "") -> str:
-    """`rlhf --home HOME ARGS` in this process; its stdout (a failure raises with its stderr)."""
+def rlhf(home: Path, *args: str, stdin: str = "") -> tuple[str, str]:
+    """`rlhf --home HOME ARGS` in this process: its stdout and stderr (a failure raises)."""
     import contextlib
     import sys
 
@@ -84,7 +84,7 @@ def rlhf(home: Path, *args: str, stdin: str = "") -> str:
     finally:
         sys.stdin = stdin_before
     assert code == 0, f"rlhf {' '.join(args)} failed ({code}):\n{err.getvalue()}"
-    return out.getvalue()
+    return out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +93,19 @@ def qwen_model(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("recipe", ["chat", "chat-lora"])
-def test_chat_recipe_takes_a_model_of_another_family(recipe, qwen_model, tmp_path):
+def test_chat_recipe_takes_a_model_of_another_family(recipe, qwen_model, tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     home = tmp_path / "home"
-    rlhf(home, "pipeline", "run", f"configs/{recipe}/pipeline.yaml", f"start={qwen_model}", *SHORT)
+    monkeypatch.delenv("RLHF_NO_PROGRESS", raising=False)
+    _, log = rlhf(home, "pipeline", "run", f"configs/{recipe}/pipeline.yaml",
+                  f"start={qwen_model}", *SHORT)
+    # Every long phase shows a progress bar, not only the training steps.
+    for phase in ("sft: eval loss", "gold eval", "reward: score held-out answers",
+                  "reward: sample answers to normalize", "reward: score answers to normalize",
+                  "gold eval (sampled)", "ppo"):
+        assert f"{phase}: 100%" in log, phase
+    monkeypatch.setenv("RLHF_NO_PROGRESS", "1")
     registry = Registry(home)
     sft, reward, ppo = (registry.lookup(f"{stage}:latest") for stage in ("sft", "reward", "ppo"))
     assert sft.parents == {"model": str(qwen_model)}
@@ -112,10 +120,10 @@ def test_chat_recipe_takes_a_model_of_another_family(recipe, qwen_model, tmp_pat
     assert tokenizer.chat_template == QWEN_TEMPLATE and tokenizer.eos_token == "<|im_end|>"
     assert "<|assistant|>" not in tokenizer.get_vocab()
 
-    chat = rlhf(home, "chat", "ppo:latest", "--temperature", "0", "--max-new-tokens", "8",
+    chat, _ = rlhf(home, "chat", "ppo:latest", "--temperature", "0", "--max-new-tokens", "8",
                 "--reward", "reward:latest", stdin=f"{QUESTION}\n/exit\n")
     assert chat.count("assistant> ") == 1 and "(reward " in chat
-    scored = rlhf(home, "score", "reward:latest", "--prompt", QUESTION,
+    scored, _ = rlhf(home, "score", "reward:latest", "--prompt", QUESTION,
                   "--response", "Three chickens have 6 legs.", "--response", "7.")
     assert "Three chickens have 6 legs." in scored
 
