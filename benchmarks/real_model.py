@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLED_TEMPERATURE = 0.7  # configs/chat/ppo.yaml's generation.temperature: the answers PPO optimizes
+SAMPLED_TEMPERATURE = 0.7  # configs/chat/ppo.yaml's generation.temperature: what PPO optimizes
 STAGES = ("sft", "reward", "ppo")
 # Steps and batch sizes of each stage (overrides of configs/chat/STAGE.yaml).
 STEPS = {

@@ -426,9 +426,9 @@ def check_chat_model(path: str, tokenizer, role: str, max_length: int | None = N
     except UserError as err:  # the template failed on the conversation, and says why
         raise UserError(f"{cannot}: {err}") from None
     if problem:
-        raise UserError(f"{cannot}: {problem}; give the template an EOS-terminated assistant turn (or "
-                        f"{{% generation %}} tags around it), or remove chat_template from the "
-                        f"tokenizer to use this project's")
+        raise UserError(f"{cannot}: {problem}; give the template an EOS-terminated assistant "
+                        f"turn (or {{% generation %}} tags around it), or remove chat_template "
+                        f"from the tokenizer to use this project's")
     context = model_context(path, tokenizer)
     if max_length is not None and max_length > context:
         raise UserError(f"data.max_length={max_length} is longer than the model's context of "

@@ -209,8 +209,8 @@ def answer_marking_problem(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """
     first_turn = _PROBE[:1]
     if _render(tokenizer, first_turn, add_generation_prompt=True) == _render(tokenizer, first_turn):
-        return "the template ignores add_generation_prompt, so a prompt cannot end where an answer " \
-               "begins"
+        return ("the template ignores add_generation_prompt, so a prompt cannot end where an "
+                "answer begins")
     input_ids, assistant_mask = _encode_with_assistant_mask(tokenizer, _PROBE)
     marked = [token for token, in_answer in zip(input_ids, assistant_mask) if in_answer]
     marked_text = tokenizer.decode(marked)
@@ -221,8 +221,8 @@ def answer_marking_problem(tokenizer: PreTrainedTokenizerBase) -> str | None:
                     f"{message['content']!r} as an answer")
     answers = sum(message["role"] == "assistant" for message in _PROBE)
     if marked.count(tokenizer.eos_token_id) != answers:
-        return f"its assistant turns do not end with the EOS token {tokenizer.eos_token!r}, so a " \
-               f"trained model would not learn to stop"
+        return (f"its assistant turns do not end with the EOS token {tokenizer.eos_token!r}, so "
+                f"a trained model would not learn to stop")
     return None
 
 
