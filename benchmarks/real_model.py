@@ -1,7 +1,7 @@
 """The chat recipe (configs/chat) on a real pretrained chat model, with what each stage did to it.
 
     .venv/bin/python benchmarks/convert_smollm2.py --out models/smollm2-135m-instruct   # once
-    .venv/bin/python benchmarks/real_model.py --model models/smollm2-135m-instruct [--quick]
+    .venv/bin/python benchmarks/real_model.py --model models/smollm2-135m-instruct [--steps cpu]
 
 `--model` is any local Hugging Face chat-model directory. The stages run through the `rlhf` CLI, one
 process each, into a fresh registry home (`--home`, default a temporary one): SFT from the model,
@@ -12,9 +12,10 @@ before and after (greedy and sampled), wall time and peak RSS of its process; fo
 its held-out pairwise accuracy; for PPO the mean KL of its last steps against `--kl-bound`.
 Everything is printed as a table and written to `--out` as JSON.
 
-The default steps are sized to finish within about 30 minutes on 2 CPU cores (the stages' own gold
-evals are off: the gold-score processes measure every model alike); `--quick` is a smoke run of
-a few steps and prompts that checks the script end to end.
+`--steps cpu` (the default) is sized to finish in about 30 minutes on 2 CPU cores, `--steps recipe`
+trains as configs/chat ships (for a GPU), `--steps smoke` checks the script end to end in a few
+steps and prompts. The stages' own gold evals are off: the gold-score processes measure every
+model alike.
 """
 
 from __future__ import annotations
@@ -32,18 +33,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLED_TEMPERATURE = 0.7  # configs/chat/ppo.yaml's generation.temperature: what PPO optimizes
 STAGES = ("sft", "reward", "ppo")
-# Steps and batch sizes of each stage (overrides of configs/chat/STAGE.yaml).
+# Steps and batch sizes of each stage (overrides of configs/chat/STAGE.yaml), by --steps:
+# "recipe" trains as configs/chat ships (a GPU's work); "cpu" is sized to finish in about 30
+# minutes on 2 CPU cores, an estimate from a machine where other jobs shared those cores;
+# "smoke" checks the script end to end (a reward eval of 3 prompts, the test fixture's).
 STEPS = {
-    "default": {"sft": ["train.max_steps=60", "train.batch_size=8", "train.grad_accum=1",
-                        "train.warmup_steps=6", "checkpoint.every_steps=60"],
-                "reward": ["train.max_steps=150", "train.batch_size=4", "train.warmup_steps=10",
-                           "normalize.prompts=32", "checkpoint.every_steps=150"],
-                "ppo": ["train.max_steps=12", "train.batch_size=16", "generation.max_new_tokens=64",
-                        "checkpoint.every_steps=12", "samples.every_steps=6"]},
-    "quick": {"sft": ["train.max_steps=2", "train.batch_size=2", "train.grad_accum=1",
+    "recipe": {"sft": [], "reward": [], "ppo": []},
+    "cpu": {"sft": ["train.max_steps=40", "train.batch_size=4", "train.grad_accum=1",
+                    "train.warmup_steps=4", "checkpoint.every_steps=20"],
+            "reward": ["train.max_steps=60", "train.batch_size=2", "train.warmup_steps=6",
+                       "normalize.prompts=32", "normalize.max_new_tokens=64",
+                       "checkpoint.every_steps=20"],
+            "ppo": ["train.max_steps=6", "train.batch_size=8", "generation.max_new_tokens=48",
+                    "checkpoint.every_steps=3", "samples.every_steps=3"]},
+    "smoke": {"sft": ["train.max_steps=2", "train.batch_size=2", "train.grad_accum=1",
                       "train.warmup_steps=0", "train.eval_batches=1", "checkpoint.every_steps=2"],
               "reward": ["train.max_steps=2", "train.batch_size=2", "normalize.prompts=2",
-                         "normalize.max_new_tokens=8", "checkpoint.every_steps=2"],
+                         "normalize.max_new_tokens=8", "checkpoint.every_steps=2",
+                         "data.eval_files=[tests/fixtures/data/reward_ranked.jsonl]"],
               "ppo": ["train.max_steps=2", "train.batch_size=4", "generation.max_new_tokens=8",
                       "checkpoint.every_steps=2", "samples.every_steps=1"]},
 }
@@ -157,20 +164,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a local Hugging Face chat-model directory")
     parser.add_argument("--home", type=Path, help="registry home (default: a temporary one)")
+    parser.add_argument("--steps", choices=list(STEPS), default="cpu",
+                        help="how long each stage trains (see the module docstring)")
     parser.add_argument("--prompts", type=int, help="held-out prompts per gold score "
-                                                    "(default 100; 4 with --quick)")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit of "
-                        "the gold scores")
+                                                    "(default 100; 4 with --steps smoke)")
+    parser.add_argument("--max-new-tokens", type=int, help="answer length limit of the gold "
+                        "scores (default 64; 8 with --steps smoke)")
     parser.add_argument("--kl-bound", type=float, default=1.5, help="nats per answer")
-    parser.add_argument("--quick", action="store_true", help="a few steps: a smoke run")
-    parser.add_argument("--out", type=Path, default=Path("real_model.json"))
+    parser.add_argument("--out", type=Path, default=Path("out/real_model.json"))
     args = parser.parse_args()
     if not Path(args.model, "config.json").is_file():
         sys.exit(f"error: --model {args.model}: not a Hugging Face model directory (no "
                  f"config.json); convert one with benchmarks/convert_smollm2.py")
-    prompts = args.prompts or (4 if args.quick else 100)
-    max_new_tokens = 8 if args.quick else args.max_new_tokens
-    steps = STEPS["quick" if args.quick else "default"]
+    smoke = args.steps == "smoke"
+    prompts = args.prompts or (4 if smoke else 100)
+    max_new_tokens = args.max_new_tokens or (8 if smoke else 64)
+    steps = STEPS[args.steps]
     with tempfile.TemporaryDirectory() as scratch:
         home = args.home or Path(scratch) / "home"
         started = time.time()
@@ -180,6 +189,7 @@ def main() -> None:
     print(f"the chat recipe on {args.model}: {prompts} held-out prompts, "
           f"{total / 60:.1f} min in all")
     print_table(reports, args.kl_bound)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "prompts": prompts, "minutes":
                                     round(total / 60, 1), "steps": steps,
                                     "stages": [asdict(report) for report in reports]}, indent=1))
