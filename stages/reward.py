@@ -154,17 +154,20 @@ def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set:
     def loss_fn(model, batch: dict):
         return ranking_loss(model, batch, config.loss)
 
+    final_scores: list[float] = []  # the last eval's raw held-out scores, reused for the summary
+
     def eval_fn(model) -> dict:
-        metrics = held_out_metrics(model, eval_set, score_batch_size(config), shift=0.0)
-        return flat_metrics(metrics, scale_free=True)
+        final_scores[:] = held_out_scores(model, eval_set, score_batch_size(config))
+        return flat_metrics(scores_metrics(final_scores, eval_set, shift=0.0), scale_free=True)
 
     fit(stage_run, model, tokenizer, batches_for_step=batches_for_step, loss_fn=loss_fn,
         eval_fn=eval_fn, tokens_in=lambda batch: int(batch["attention_mask"].sum()), desc="reward")
 
     reward_model = merge_adapter(model)  # LoRA folded in: the published model is a plain classifier
     normalization = normalization_shift(reward_model, tokenizer, eval_set, config, parent)
-    metrics = held_out_metrics(reward_model, eval_set, score_batch_size(config),
-                               shift=normalization["shift"])
+    # The final eval scored the held-out answers already (with LoRA, before the merge, which
+    # changes no score beyond rounding): the shift only moves them.
+    metrics = scores_metrics(final_scores, eval_set, shift=normalization["shift"])
     stage_run.log(config.train.max_steps, flat_metrics(metrics, scale_free=False))
     stage_run.say(describe_metrics(metrics, normalization))
     summary = {**metrics, "shift": normalization["shift"], "normalization": normalization,
@@ -274,9 +277,19 @@ def score_batch_size(config: Config) -> int:
 
 
 def held_out_metrics(model, eval_set: RankedSet, batch_size: int, shift: float) -> dict:
-    """`pipeline.ranking.ranking_metrics` of the eval rankings, on scores minus `shift`."""
-    flat = score_sequences(model, [seq for seqs in eval_set.sequences for seq in seqs],
+    """`pipeline.ranking.ranking_metrics` of the eval rankings, on the model's scores minus
+    `shift`."""
+    return scores_metrics(held_out_scores(model, eval_set, batch_size), eval_set, shift)
+
+
+def held_out_scores(model, eval_set: RankedSet, batch_size: int) -> list[float]:
+    """The model's raw score of every eval answer, prompt after prompt."""
+    return score_sequences(model, [seq for seqs in eval_set.sequences for seq in seqs],
                            batch_size=batch_size, progress="reward: score held-out answers")
+
+
+def scores_metrics(flat: list[float], eval_set: RankedSet, shift: float) -> dict:
+    """`pipeline.ranking.ranking_metrics` of the eval rankings, on `flat` scores minus `shift`."""
     score_lists = regroup([score - shift for score in flat], [len(s) for s in eval_set.sequences])
     return ranking_metrics(score_lists, [row["ranks"] for row in eval_set.rows])
 
