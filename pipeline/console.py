@@ -45,6 +45,13 @@ def bars_shown() -> bool:
             and os.environ.get("RLHF_NO_PROGRESS") != "1")
 
 
+def is_main_process() -> bool:
+    """Whether this process writes records and prints results: under torchrun or accelerate
+    launch every process runs the same command, and the one of rank 0 speaks for them. (A
+    `StageRun` asks its accelerator, which reads the same rank.)"""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def verbosity() -> str:
     level = os.environ.get(VERBOSITY_ENV, "normal")
     return level if level in LEVELS else "normal"
@@ -59,7 +66,9 @@ def info(message: str) -> None:
 def progress(total: int, desc: str, *, initial: int = 0, unit: str = "step",
              enabled: bool = True):
     """A progress tracker with tqdm's `update(n)`, `set_postfix(**values)` and `close()`: a bar on
-    a terminal, plain lines otherwise, nothing when quiet, disabled, or RLHF_NO_PROGRESS=1."""
+    a terminal, plain lines otherwise; nothing when quiet, disabled, off the main process, or with
+    RLHF_NO_PROGRESS=1."""
+    enabled = enabled and is_main_process()
     if enabled and bars_shown():
         from tqdm.auto import tqdm
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,

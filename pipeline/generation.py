@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline import console
 from pipeline.data.packing import left_pad
 from pipeline.errors import UserError
 from pipeline.guard import check_eos
@@ -37,8 +38,9 @@ class SamplingConfig:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list, sampling: SamplingConfig | None = None,
-           seed: int | None = 0, max_prompt_tokens: int = 192) -> list[str]:
-    """One answer per prompt (a string or a chat-message list), decoded without special tokens."""
+           seed: int | None = 0, max_prompt_tokens: int = 192, progress: str = "") -> list[str]:
+    """One answer per prompt (a string or a chat-message list), decoded without special tokens.
+    `progress` labels a progress bar over the prompts (none when empty)."""
     sampling = sampling or SamplingConfig()
     if seed is not None:
         torch.manual_seed(seed)
@@ -46,6 +48,7 @@ def sample(model, tokenizer, prompts: list, sampling: SamplingConfig | None = No
     answers = []
     was_training = model.training
     model.eval()
+    bar = console.progress(len(prompts), progress, unit="answer", enabled=bool(progress))
     for start in range(0, len(prompts), sampling.batch_size):
         chunk = prompts[start: start + sampling.batch_size]
         encoded = [encode_prompt(tokenizer, p, max_prompt_tokens) for p in chunk]
@@ -55,6 +58,8 @@ def sample(model, tokenizer, prompts: list, sampling: SamplingConfig | None = No
                                 **generate_kwargs(tokenizer, sampling))
         new_tokens = output[:, input_ids.shape[1]:]
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+        bar.update(len(chunk))
+    bar.close()
     model.train(was_training)
     return answers
 

@@ -12,7 +12,9 @@ message (a `UserError`: one line, exit code 2) wherever it is made:
 - models: `require_causal_lm` and `require_reward_model` (verified registry checkpoints, the right
   kind of model: causal LM, reward model or LoRA adapter, with a head that fits), and the checks
   they make of a directory: `model_kind`, `weights_problem`, `check_quantization`,
-  `check_remote_code`; `check_eos` for a policy that samples answers.
+  `check_remote_code`; `check_eos` for a policy that samples answers; `check_chat_model`, the
+  checks of a model and its tokenizer that a stage makes before it trains them (EOS, chat
+  template, context window).
 
 This module imports no torch or transformers (the few checks that need them import them when they
 run), so the command line can use it at parse time.
@@ -413,3 +415,51 @@ def check_eos(tokenizer, model, where: str) -> None:
         raise UserError(f"the tokenizer at {where} has no EOS token the model knows, so sampled "
                         f"answers could never end; use a policy whose tokenizer defines "
                         f"eos_token (e.g. the output of `rlhf run sft`)")
+
+
+# Where config.json gives a model's context window, by architecture family.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_context(path: str, tokenizer) -> int:
+    """The longest sequence the model at `path` takes: the smaller of its config's position limit
+    (a LoRA adapter's is its base model's) and the tokenizer's `model_max_length`."""
+    limits = [tokenizer.model_max_length]
+    directory = Path(path)
+    if (directory / ADAPTER_CONFIG).is_file():
+        try:
+            directory = Path(json.loads((directory / ADAPTER_CONFIG).read_text())
+                             ["base_model_name_or_path"])
+        except (ValueError, KeyError, TypeError):
+            return min(limits)  # loading the adapter names what is wrong with its config
+    if (directory / "config.json").is_file():
+        config = read_model_config(directory)
+        config = {**config.get("text_config", {}), **config}  # multimodal configs nest it
+        limits += [config[key] for key in _CONTEXT_KEYS if isinstance(config.get(key), int)][:1]
+    return min(limits)
+
+
+def check_chat_model(path: str, tokenizer, role: str, max_length: int | None = None) -> None:
+    """What a stage checks of a model and its tokenizer before it trains them: the tokenizer ends
+    answers with an EOS token, its chat template marks the answers to train on (see
+    `pipeline.tokenizer.answer_marking_problem`), and `max_length` (`data.max_length`) fits the
+    model's context window. Each refusal is one UserError naming `role` and the model."""
+    from pipeline.tokenizer import answer_marking_problem
+
+    if tokenizer.eos_token is None:
+        raise UserError(f"{role}: the tokenizer at {path} has no EOS token, so answers could "
+                        f"never end; set eos_token in its tokenizer_config.json to the token "
+                        f"that ends a turn")
+    cannot = f"{role}: the chat template of {path} cannot mark answers to train on"
+    try:
+        problem = answer_marking_problem(tokenizer)
+    except UserError as err:  # the template failed on the conversation, and says why
+        raise UserError(f"{cannot}: {err}") from None
+    if problem:
+        raise UserError(f"{cannot}: {problem}; give the template an EOS-terminated assistant "
+                        f"turn (or {{% generation %}} tags around it), or remove chat_template "
+                        f"from the tokenizer to use this project's")
+    context = model_context(path, tokenizer)
+    if max_length is not None and max_length > context:
+        raise UserError(f"data.max_length={max_length} is longer than the model's context of "
+                        f"{context} tokens ({path}); set data.max_length to at most {context}")

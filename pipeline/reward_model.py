@@ -154,15 +154,16 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.no_grad()
 def score_sequences(model, seqs: list[list[int]], batch_size: int = 32,
-                    progress: bool = False) -> list[float]:
-    """Scores of encoded sequences, in their order. Batches group similar lengths (little padding)."""
+                    progress: str = "") -> list[float]:
+    """Scores of encoded sequences, in their order. Batches group similar lengths (little padding).
+    `progress` labels a progress bar over the answers (none when empty)."""
     device = next(model.parameters()).device
     pad_id = model.config.pad_token_id
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     scores = [0.0] * len(seqs)
     was_training = model.training
     model.eval()
-    bar = console.progress(len(seqs), "score", unit="answer", enabled=progress)
+    bar = console.progress(len(seqs), progress, unit="answer", enabled=bool(progress))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         input_ids, attention_mask = right_pad([seqs[i] for i in chunk], pad_id)

@@ -40,13 +40,6 @@ disable_progress_bars()
 transformers_logging.disable_progress_bar()
 
 
-def is_main_process() -> bool:
-    """Whether this process writes records and prints results: under torchrun or accelerate
-    launch every process runs the same command, and the one of rank 0 speaks for them. (A
-    `StageRun` asks its accelerator, which reads the same rank.)"""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def make_accelerator(cfg: RuntimeConfig) -> Accelerator:
     """One place builds the Accelerator (device, precision policy)."""
     precision = cfg.precision
@@ -146,6 +139,7 @@ class StageRun:
                 self.trackers.log(step, values)
 
     def progress(self, total: int, desc: str):
+        """The training steps' progress, starting where a resumed run starts."""
         return progress(total, desc, initial=self.start_step, enabled=self.is_main)
 
     # -- resume states ------------------------------------------------------------------------

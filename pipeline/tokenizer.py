@@ -194,13 +194,39 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
     return tokenizer.add_special_tokens({"pad_token": PAD_TOKEN}) > 0
 
 
-def check_context(tokenizer, max_length: int) -> None:
-    """Refuse `data.max_length` beyond the context the tokenizer declares: a model cannot
-    train on sequences longer than its positions."""
-    context = tokenizer.model_max_length
-    if context < max_length:
-        raise UserError(f"data.max_length={max_length} is longer than the model's context of "
-                        f"{context} tokens; set data.max_length to at most {context}")
+# The conversation a chat template is tried on before training: two answers, each of which must
+# come out marked for training, end with the EOS token, and leave the questions unmarked.
+_PROBE = [{"role": "user", "content": "How many legs do two cows have?"},
+          {"role": "assistant", "content": "Two cows have 8 legs."},
+          {"role": "user", "content": "And one spider?"},
+          {"role": "assistant", "content": "One spider has 8 legs."}]
+
+
+def answer_marking_problem(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Why the tokenizer's chat template cannot mark the answers to train on, or None.
+
+    Tried on one short conversation, as training would encode it: the template must render a
+    generation prompt (or a prompt could not end where the answer begins), mark each answer and
+    no question, and end each answer with the EOS token (or a trained model never learns to stop).
+    The tokenizer must have an EOS token.
+    """
+    first_turn = _PROBE[:1]
+    if _render(tokenizer, first_turn, add_generation_prompt=True) == _render(tokenizer, first_turn):
+        return ("the template ignores add_generation_prompt, so a prompt cannot end where an "
+                "answer begins")
+    input_ids, assistant_mask = _encode_with_assistant_mask(tokenizer, _PROBE)
+    marked = [token for token, in_answer in zip(input_ids, assistant_mask) if in_answer]
+    marked_text = tokenizer.decode(marked)
+    for message in _PROBE:
+        is_answer = message["role"] == "assistant"
+        if (message["content"] in marked_text) != is_answer:
+            return (f"it marks {'no' if is_answer else 'the'} {message['role']} text "
+                    f"{message['content']!r} as an answer")
+    answers = sum(message["role"] == "assistant" for message in _PROBE)
+    if marked.count(tokenizer.eos_token_id) != answers:
+        return (f"its assistant turns do not end with the EOS token {tokenizer.eos_token!r}, so "
+                f"a trained model would not learn to stop")
+    return None
 
 
 def encode_chat(

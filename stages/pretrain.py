@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 
 from pipeline.config import HubDataSection, Section, StageConfig
+from pipeline import console
 from pipeline.data.fingerprint import fingerprint_files
 from pipeline.data.formats import read_text_corpus
 from pipeline.data.packing import pack_blocks
@@ -140,10 +141,13 @@ def causal_lm_loss(model, batch: dict):
 def eval_language_model(model, blocks: torch.Tensor, train, device) -> dict:
     """Mean next-token loss over up to `eval_batches` batches of held-out blocks, and perplexity."""
     losses = []
-    limit = train.eval_batches * train.batch_size
-    for start in range(0, min(len(blocks), limit), train.batch_size):
+    starts = range(0, min(len(blocks), train.eval_batches * train.batch_size), train.batch_size)
+    bar = console.progress(len(starts), "pretrain: eval loss", unit="batch")
+    for start in starts:
         batch = blocks[start: start + train.batch_size].to(device)
         losses.append(model(input_ids=batch, labels=batch).loss.float().item())
+        bar.update()
+    bar.close()
     loss = float(np.mean(losses))
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
 

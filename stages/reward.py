@@ -38,7 +38,7 @@ from pipeline.data.packing import right_pad
 from pipeline.errors import UserError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.loop import fit, micro_batch_indices
-from pipeline.guard import require_causal_lm
+from pipeline.guard import check_chat_model, require_causal_lm
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.ranking import encode_groups, kwise_ranking_loss, ranking_metrics
 from pipeline.registry import Registry, Resolved, Run
@@ -46,7 +46,7 @@ from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_mode
                                    encode_ranked_row, regroup, reward_tokenizer, score_sequences,
                                    sequence_scores)
 from pipeline.runtime import StageRun
-from pipeline.tokenizer import check_context, load_tokenizer
+from pipeline.tokenizer import load_tokenizer
 from pipeline.world.cache import WorldSection, train_and_eval_files
 
 
@@ -124,9 +124,9 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code
-    tokenizer = reward_tokenizer(require_causal_lm(parents["model"], "model.source", trust),
-                                 trust_remote_code=trust, revision=parents["model"].revision)
-    check_context(tokenizer, config.data.max_length)
+    source = require_causal_lm(parents["model"], "model.source", trust)
+    tokenizer = reward_tokenizer(source, trust_remote_code=trust, revision=parents["model"].revision)
+    check_chat_model(source, tokenizer, "model.source", config.data.max_length)
     train_files, eval_files = train_and_eval_files(registry, config.data, "reward")
     train_set, eval_set = load_splits(tokenizer, train_files, eval_files, config)
     stage_run = StageRun.open("reward", config, registry, parents=parents,
@@ -155,17 +155,20 @@ def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set:
     def loss_fn(model, batch: dict):
         return ranking_loss(model, batch, config.loss)
 
+    final_scores: list[float] = []  # the last eval's raw held-out scores, reused for the summary
+
     def eval_fn(model) -> dict:
-        metrics = held_out_metrics(model, eval_set, score_batch_size(config), shift=0.0)
-        return flat_metrics(metrics, scale_free=True)
+        final_scores[:] = held_out_scores(model, eval_set, score_batch_size(config))
+        return flat_metrics(scores_metrics(final_scores, eval_set, shift=0.0), scale_free=True)
 
     fit(stage_run, model, tokenizer, batches_for_step=batches_for_step, loss_fn=loss_fn,
         eval_fn=eval_fn, tokens_in=lambda batch: int(batch["attention_mask"].sum()), desc="reward")
 
     reward_model = merge_adapter(model)  # LoRA folded in: the published model is a plain classifier
     normalization = normalization_shift(reward_model, tokenizer, eval_set, config, parent)
-    metrics = held_out_metrics(reward_model, eval_set, score_batch_size(config),
-                               shift=normalization["shift"])
+    # The final eval scored the held-out answers already (with LoRA, before the merge, which
+    # changes no score beyond rounding): the shift only moves them.
+    metrics = scores_metrics(final_scores, eval_set, shift=normalization["shift"])
     stage_run.log(config.train.max_steps, flat_metrics(metrics, scale_free=False))
     stage_run.say(describe_metrics(metrics, normalization))
     summary = {**metrics, "shift": normalization["shift"], "normalization": normalization,
@@ -276,9 +279,19 @@ def score_batch_size(config: Config) -> int:
 
 
 def held_out_metrics(model, eval_set: RankedSet, batch_size: int, shift: float) -> dict:
-    """`pipeline.ranking.ranking_metrics` of the eval rankings, on scores minus `shift`."""
-    flat = score_sequences(model, [seq for seqs in eval_set.sequences for seq in seqs],
-                           batch_size=batch_size)
+    """`pipeline.ranking.ranking_metrics` of the eval rankings, on the model's scores minus
+    `shift`."""
+    return scores_metrics(held_out_scores(model, eval_set, batch_size), eval_set, shift)
+
+
+def held_out_scores(model, eval_set: RankedSet, batch_size: int) -> list[float]:
+    """The model's raw score of every eval answer, prompt after prompt."""
+    return score_sequences(model, [seq for seqs in eval_set.sequences for seq in seqs],
+                           batch_size=batch_size, progress="reward: score held-out answers")
+
+
+def scores_metrics(flat: list[float], eval_set: RankedSet, shift: float) -> dict:
+    """`pipeline.ranking.ranking_metrics` of the eval rankings, on `flat` scores minus `shift`."""
     score_lists = regroup([score - shift for score in flat], [len(s) for s in eval_set.sequences])
     return ranking_metrics(score_lists, [row["ranks"] for row in eval_set.rows])
 
@@ -307,7 +320,8 @@ def normalization_shift(model, tokenizer, eval_set: RankedSet, config: Config,
         prompts = [row["prompt"] for row in eval_set.rows[:norm.prompts]]
         answers = sample_parent(parent, prompts, config)
         seqs, _ = encode_answers(tokenizer, prompts, answers, config.data.max_length)
-    scores = score_sequences(model, seqs, batch_size=score_batch_size(config))
+    scores = score_sequences(model, seqs, batch_size=score_batch_size(config),
+                             progress="reward: score answers to normalize")
     return {"shift": float(np.mean(scores)), "answers": norm.answers, "count": len(seqs)}
 
 
@@ -318,7 +332,8 @@ def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[str]:
     tokenizer = load_tokenizer(parent.path, trust_remote_code=trust, revision=parent.revision)
     sampling = SamplingConfig(max_new_tokens=config.normalize.max_new_tokens,
                               temperature=config.normalize.temperature)
-    return sample(policy, tokenizer, prompts, sampling, seed=config.seed)
+    return sample(policy, tokenizer, prompts, sampling, seed=config.seed,
+                  progress="reward: sample answers to normalize")
 
 
 def describe_metrics(metrics: dict, normalization: dict) -> str:

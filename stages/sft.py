@@ -26,16 +26,17 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.config import HeldOutHubDataSection, LoraConfig, Section, StageConfig
+from pipeline import console
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_sft_rows
 from pipeline.data.packing import pack_examples, pad_labeled
 from pipeline.errors import UserError
 from pipeline.loop import fit, micro_batch_indices, to_device
-from pipeline.guard import ADAPTER_CONFIG, require_causal_lm
+from pipeline.guard import ADAPTER_CONFIG, check_chat_model, require_causal_lm
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.runtime import StageRun
-from pipeline.tokenizer import IGNORE_INDEX, check_context, encode_chat, load_tokenizer
+from pipeline.tokenizer import IGNORE_INDEX, encode_chat, load_tokenizer
 from pipeline.world.cache import WorldSection, train_and_eval_files
 from pipeline.world.evaluation import GoldEvalSection, gold_eval, gold_metrics
 
@@ -96,9 +97,9 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code
-    tokenizer = load_tokenizer(require_causal_lm(parents["model"], "model.source", trust),
-                               trust_remote_code=trust, revision=parents["model"].revision)
-    check_context(tokenizer, config.data.max_length)
+    source = require_causal_lm(parents["model"], "model.source", trust)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust, revision=parents["model"].revision)
+    check_chat_model(source, tokenizer, "model.source", config.data.max_length)
     check_lora_start(parents["model"], tokenizer, config.lora, trust)
     train_files, eval_files = train_and_eval_files(registry, config.data, "sft")
     train_set = encode_split(tokenizer, train_files, config.data, "train")
@@ -279,12 +280,15 @@ def answer_tokens(batch: dict) -> int:
 def eval_answer_loss(model, examples: list[dict], train, pad_id: int, device) -> dict:
     """Loss per answer token over up to `eval_batches` batches of held-out conversations."""
     total, tokens = 0.0, 0
-    limit = train.eval_batches * train.batch_size
-    for start in range(0, min(len(examples), limit), train.batch_size):
+    starts = range(0, min(len(examples), train.eval_batches * train.batch_size), train.batch_size)
+    bar = console.progress(len(starts), "sft: eval loss", unit="batch")
+    for start in starts:
         batch = to_device(pad_labeled(examples[start: start + train.batch_size], pad_id), device)
         n_answer = answer_tokens(batch)  # the model's loss is their mean: weigh by their count
         total += sft_loss(model, batch)[0].float().item() * n_answer
         tokens += n_answer
+        bar.update()
+    bar.close()
     return {"eval_loss": total / max(tokens, 1)}
 
 

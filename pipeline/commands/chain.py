@@ -42,7 +42,7 @@ from pipeline.config import (Section, StageConfig, apply_override, config_hash, 
 from pipeline.errors import UserError
 from pipeline.presets import pipeline_source
 from pipeline.registry import PIPELINE_STAGE, Registry, Resolved, Run
-from pipeline.runtime import is_main_process
+from pipeline.console import is_main_process
 from stages import STAGES
 
 

@@ -139,7 +139,7 @@ def _add_run(commands) -> None:
 
 
 def _cmd_run(args) -> int:
-    from pipeline.runtime import is_main_process
+    from pipeline.console import is_main_process
 
     module, config = _load_stage_config(args.stage, args.config, args.overrides)
     registry = _registry(args)

@@ -93,7 +93,7 @@ def score_ranked_file(model, tokenizer, path: str, n_worst: int) -> dict:
         row_seqs, cut = encode_ranked_row(tokenizer, row, max_length, f"{path}:{row['_line']}")
         seqs += row_seqs
         truncated += cut
-    flat = score_sequences(model, seqs, progress=True)
+    flat = score_sequences(model, seqs, progress="score")
     score_lists = regroup(flat, [len(row["responses"]) for row in rows])
     rank_lists = [row["ranks"] for row in rows]
     metrics = ranking_metrics(score_lists, rank_lists)

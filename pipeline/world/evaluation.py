@@ -58,13 +58,14 @@ def run_gold_settings(config: dict) -> tuple[GoldEvalSection, WorldSection] | No
 
 
 def gold_eval(model, tokenizer, prompts: list[str], sampling: SamplingConfig | None = None,
-              seed: int = 0) -> dict:
+              seed: int = 0, progress: str = "gold eval") -> dict:
     """Sample answers to the world's held-out prompts and score them with the gold scorer.
 
     Returns the gold scorer's summary (`mean_gold_score`, `count_accuracy`, `format_adherence`,
-    `mean_length`, `samples`). Evaluation only: nothing trains on these numbers.
+    `mean_length`, `samples`). Evaluation only: nothing trains on these numbers. `progress` labels
+    the progress bar of the sampling.
     """
-    answers = sample(model, tokenizer, prompts, sampling, seed=seed)
+    answers = sample(model, tokenizer, prompts, sampling, seed=seed, progress=progress)
     return summarize(prompts, answers)
 
 

@@ -31,7 +31,7 @@ def measure_gold(policy, tokenizer, prompts: list[str], config: Config) -> dict[
         as_in_training = replace(sampling, temperature=generation.temperature,
                                  top_k=generation.top_k, top_p=generation.top_p)
         summaries["gold_sampled"] = gold_eval(policy, tokenizer, repeated, as_in_training,
-                                              seed=config.seed)
+                                              seed=config.seed, progress="gold eval (sampled)")
     return summaries
 
 

@@ -46,7 +46,7 @@ from pipeline.data.formats import read_jsonl, read_text_corpus
 from pipeline.data.packing import pack_blocks
 from pipeline.errors import UserError
 from pipeline.loop import step_indices
-from pipeline.guard import check_eos, require_causal_lm
+from pipeline.guard import check_chat_model, check_eos, require_causal_lm
 from pipeline.models import count_parameters, load_causal_lm, merge_adapter
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.reward_model import load_reward_model
@@ -95,6 +95,7 @@ def load_inputs(config: Config, registry: Registry, parents: dict[str, Resolved]
     policy_path = require_causal_lm(parents["policy"], "model.policy", trust)
     tokenizer = load_tokenizer(policy_path, trust_remote_code=trust,
                                revision=parents["policy"].revision)
+    check_chat_model(policy_path, tokenizer, "model.policy")  # prompt lengths: check_lengths
     start_policy = merge_adapter(load_causal_lm(parents["policy"], trust_remote_code=trust,
                                                 trainable_adapter=False, role="model.policy"))
     check_eos(tokenizer, start_policy, policy_path)

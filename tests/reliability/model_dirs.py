@@ -61,6 +61,11 @@ def build_model_dirs(root: Path, source: Path) -> dict[str, Path]:
     for name in TOKENIZER_FILES:
         (no_tokenizer / name).unlink(missing_ok=True)
     edit_json(variant("no_eos") / "tokenizer_config.json", eos_token=None)
+    edit_json(variant("short_context") / "config.json", max_position_embeddings=64)
+    # A plain "role: text" template: its turns end with a newline, never with the EOS token.
+    (variant("template_without_eos") / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     return dirs
 
 

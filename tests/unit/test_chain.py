@@ -129,6 +129,19 @@ def test_shipped_pipelines_validate_and_name_existing_stage_configs(size, monkey
         assert entry.config and Path(entry.config).is_file(), f"{path}: stages.{name}.config"
 
 
+@pytest.mark.parametrize("recipe, lora", [("chat", False), ("chat-lora", True)])
+def test_chat_recipes_start_from_a_model_with_small_steps(recipe, lora, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    plan = plan_from_yaml(Path("configs") / recipe / "pipeline.yaml", ["start=my-chat-model"])
+    assert plan.start == "my-chat-model" and list(plan.configs) == ["sft", "reward", "ppo"]
+    sft, reward, ppo = plan.configs.values()
+    assert [config.lora.enabled for config in (sft, reward, ppo)] == [lora] * 3
+    # A pretrained model takes small steps, LoRA's adapters larger ones; a system prompt fits.
+    assert sft.train.lr == (2e-4 if lora else 1e-5) and sft.train.min_lr_ratio < 1
+    assert ppo.train.lr < sft.train.lr
+    assert sft.data.max_length == reward.data.max_length == 512
+
+
 def test_a_stored_plan_rebuilds_into_the_same_pipeline(registry, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     plan = plan_from_yaml("configs/tiny/pipeline.yaml", ["sft.lora.enabled=true"], from_stage="sft")

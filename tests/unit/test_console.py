@@ -83,3 +83,11 @@ def test_a_log_gets_no_bars_from_the_hugging_face_libraries_either(stderr, monke
     assert console.verbosity() == "normal"
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+
+
+def test_only_the_main_process_shows_progress(stderr, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # a worker of a torchrun launch: rank 0 speaks for it
+    run_steps(10)
+    monkeypatch.setenv("RANK", "0")
+    run_steps(10)
+    assert len(stderr().splitlines()) == 10

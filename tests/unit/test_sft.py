@@ -12,7 +12,7 @@ from pipeline.data.prompts import read_prompts
 from pipeline.tokenizer import IGNORE_INDEX, train_tokenizer
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.packing import pack_examples, pad_labeled
-from pipeline.tokenizer import check_context
+from pipeline.guard import check_chat_model, model_context
 from stages.sft import DataSection, check_lora_start, encode_split, prepare_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
@@ -218,10 +218,37 @@ def test_bad_rows_name_file_and_line(tokenizer, tmp_path, row, message):
         encode_split(tokenizer, [path], DataSection(max_length=64), "train")
 
 
-def test_max_length_beyond_the_context_is_a_user_error(tokenizer):
-    check_context(tokenizer, 256)
+def test_max_length_beyond_the_context_is_a_user_error(tokenizer, tmp_path):
+    check_chat_model(str(tmp_path), tokenizer, "model.source", 256)  # no config: the tokenizer's
     with pytest.raises(UserError, match="max_length=512 is longer than the model's context of 256"):
-        check_context(tokenizer, 512)
+        check_chat_model(str(tmp_path), tokenizer, "model.source", 512)
+    # A model's position limit counts when it is below the tokenizer's (as it often is on the hub).
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 128}))
+    with pytest.raises(UserError, match="max_length=256 is longer than the model's context of 128"):
+        check_chat_model(str(tmp_path), tokenizer, "model.source", 256)
+
+
+@pytest.mark.parametrize("config, context", [
+    ({"n_positions": 64}, 64),                                      # GPT-2's name for it
+    ({"text_config": {"max_position_embeddings": 96}}, 96),         # a multimodal config
+    ({"max_position_embeddings": 4096}, 256),                       # the tokenizer's is smaller
+])
+def test_model_context_is_the_smaller_of_model_and_tokenizer(config, context, tokenizer, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert model_context(str(tmp_path), tokenizer) == context
+    # A LoRA adapter's context is its base model's.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(tmp_path)}))
+    assert model_context(str(adapter), tokenizer) == context
+
+
+def test_tokenizer_without_eos_is_refused_before_training(tokenizer, tmp_path):
+    no_eos = copy.deepcopy(tokenizer)
+    no_eos.eos_token = None
+    with pytest.raises(UserError, match="^model.source: the tokenizer at .* has no EOS token"):
+        check_chat_model(str(tmp_path), no_eos, "model.source", 64)
 
 
 def test_fingerprint_follows_content_and_role(tmp_path):

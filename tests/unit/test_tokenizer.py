@@ -8,7 +8,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from pipeline.errors import UserError
 from pipeline.data.packing import left_pad
 from pipeline.tokenizer import (CHAT_TEMPLATE, END_TOKEN, IGNORE_INDEX, MIN_VOCAB_SIZE, PAD_TOKEN,
-                                ROLE_TOKENS, encode_chat, encode_prompt, encode_prompt_response,
+                                ROLE_TOKENS, answer_marking_problem, encode_chat, encode_prompt,
+                                encode_prompt_response,
                                 ensure_chat_template, ensure_pad_token, load_tokenizer,
                                 train_tokenizer)
 
@@ -320,6 +321,34 @@ def test_template_that_rewrites_earlier_turns_is_a_user_error(tokenizer):
     )
     with pytest.raises(UserError, match="renders earlier turns differently"):
         encode_chat(unstable, CONVERSATION, max_length=256)
+
+
+def chatml_tokenizer(template: str, eos_token: str = "<|im_end|>") -> PreTrainedTokenizerFast:
+    chatml = byte_level_tokenizer(["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+                                  eos_token=eos_token, pad_token=eos_token)
+    chatml.chat_template = template
+    return chatml
+
+
+def test_templates_that_mark_answers_pass_the_probe(tokenizer):
+    assert answer_marking_problem(tokenizer) is None  # {% generation %} tags
+    assert answer_marking_problem(chatml_tokenizer(CHATML_TEMPLATE)) is None  # prefixes
+
+
+@pytest.mark.parametrize("template, eos_token, problem", [
+    (CHATML_TEMPLATE.replace("{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                             "{% endif %}", ""), "<|im_end|>", "ignores add_generation_prompt"),
+    # Turns end with <|im_end|>, but the EOS is <|endoftext|>: a model would never stop.
+    (CHATML_TEMPLATE, "<|endoftext|>", "do not end with the EOS token '<|endoftext|>'"),
+    # {% generation %} tags around the wrong turns.
+    ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'user' %}"
+     "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+     "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", "<|im_end|>",
+     "marks the user text 'How many legs do two cows have?' as an answer"),
+])
+def test_templates_that_cannot_mark_answers_are_named(template, eos_token, problem):
+    assert problem in answer_marking_problem(chatml_tokenizer(template, eos_token))
 
 
 # --- padding ----------------------------------------------------------------------------------
