@@ -4,6 +4,7 @@
 - `right_pad`: whole sequences for a forward pass (training, scoring); `pad_labeled` adds labels.
 - `pack_blocks`: a text corpus into fixed-length blocks (pretraining, PPO-ptx).
 - `pack_examples`: labeled examples concatenated into blocks (SFT packing).
+- `pack_shared_prompts`: the answers of a prompt in one row, the prompt computed once (reward).
 
 Padding is always found from the lengths, never by comparing ids with the pad id, which may be
 the EOS that ends every answer.
@@ -76,3 +77,71 @@ def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
             blocks.append({"input_ids": input_ids[start: start + block_size],
                            "labels": block_labels})
     return blocks
+
+
+# -- shared-prompt packing ------------------------------------------------------------------------
+# A prompt's K answers are encoded as K sequences that start with the same tokens (the prompt).
+# Packed, the shared start is computed once: one row holds the shared tokens, then each answer's
+# own tokens; a block mask lets an answer see the shared tokens and itself, never another answer,
+# and its position ids continue the shared part's, so each answer's hidden states (and its score
+# at its last token) equal those of its own sequence.
+SHARED_SEGMENT = -1  # segment id of the shared tokens; answers are 0..K−1, padding PAD_SEGMENT
+PAD_SEGMENT = -2
+
+
+def shared_prefix_length(seqs: list[list[int]]) -> int:
+    """Tokens that every sequence starts with, leaving each at least its last token of its own
+    (where its score is read): [[5, 6, 7, 0], [5, 6, 9, 0]] -> 2; [[5, 6], [5, 6, 7]] -> 1."""
+    limit = min(len(seq) for seq in seqs) - 1
+    length = 0
+    while length < limit and all(seq[length] == seqs[0][length] for seq in seqs):
+        length += 1
+    return length
+
+
+def pack_group(seqs: list[list[int]]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """One prompt's answer sequences as one row: (token ids, position ids, segment ids, and the
+    column of each answer's last token).
+
+    [[5, 6, 7, 0], [5, 6, 9, 9, 0]] -> ids [5, 6, 7, 0, 9, 9, 0], positions [0, 1, 2, 3, 2, 3, 4],
+    segments [-1, -1, 0, 0, 1, 1, 1], last columns [3, 6].
+    """
+    shared = shared_prefix_length(seqs)
+    ids, positions = list(seqs[0][:shared]), list(range(shared))
+    segments = [SHARED_SEGMENT] * shared
+    last_columns = []
+    for answer, seq in enumerate(seqs):
+        ids.extend(seq[shared:])
+        positions.extend(range(shared, len(seq)))
+        segments.extend([answer] * (len(seq) - shared))
+        last_columns.append(len(ids) - 1)
+    return ids, positions, segments, last_columns
+
+
+def pack_shared_prompts(groups: list[list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack each group (one prompt's answer sequences) into one right-padded row.
+
+    Returns input_ids, attention_mask (1 = token, 0 = padding), position_ids and segment_ids, all
+    (B, L) long; score_rows and score_columns (N,) long: where answer n of the flattened groups
+    ends, in group order. `block_attention_mask(segment_ids)` gives the mask a forward pass takes.
+    """
+    packed = [pack_group(seqs) for seqs in groups]
+    input_ids, attention_mask = right_pad([ids for ids, _, _, _ in packed], pad_id)
+    position_ids, _ = right_pad([positions for _, positions, _, _ in packed], 0)
+    segment_ids, _ = right_pad([segments for _, _, segments, _ in packed], PAD_SEGMENT)
+    score_rows = [row for row, (*_, columns) in enumerate(packed) for _ in columns]
+    score_columns = [column for *_, columns in packed for column in columns]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "segment_ids": segment_ids, "score_rows": torch.tensor(score_rows, dtype=torch.long),
+            "score_columns": torch.tensor(score_columns, dtype=torch.long)}
+
+
+def block_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) segment ids -> (B, 1, L, L) bool, True where query row i may attend to key column j:
+    causal (j ≤ i), and j is a shared token or in i's own segment. Padding attends to the shared
+    tokens and earlier padding only, so no row is empty (an empty row would make softmax NaN)."""
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same_segment = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)  # (B, L, L)
+    shared_key = (segment_ids == SHARED_SEGMENT).unsqueeze(1)  # (B, 1, L)
+    return (causal & (same_segment | shared_key)).unsqueeze(1)
