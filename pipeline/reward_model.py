@@ -187,7 +187,7 @@ def packed_scores(model, batch: dict) -> torch.Tensor:
     which sequence classifiers otherwise reduce to one score per row.
     """
     classifier = _unwrapped(model)
-    allowed = block_attention_mask(batch["segment_ids"])  # (B, 1, L, L)
+    allowed = block_attention_mask(batch["block_ids"], batch["segment_ids"])  # (B, 1, L, L)
     if classifier.config._attn_implementation != "sdpa":
         dtype = classifier.get_input_embeddings().weight.dtype
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data.packing import (block_attention_mask, pack_group, pack_shared_prompts,
-                                   right_pad, shared_prefix_length)
+from pipeline.data.packing import (block_attention_mask, fill_rows, pack_group,
+                                   pack_shared_prompts, right_pad, shared_prefix_length)
 from pipeline.models import PRESETS
 from pipeline.ranking import encode_groups, kwise_ranking_loss
 from pipeline.reward_model import (choose_shared_prompt, packed_scores, score_groups,
@@ -20,9 +20,10 @@ from pipeline.reward_model import (choose_shared_prompt, packed_scores, score_gr
 
 PAD = 1
 # Three prompts' answers: K = 3 with a 4-token prompt, K = 2 with a 2-token prompt, and K = 1.
+# Packed, their blocks of 10, 7 and 3 tokens fill two rows: [group 0], [group 1, group 2].
 GROUPS = [[[5, 6, 7, 8, 9, 2], [5, 6, 7, 8, 10, 11, 2], [5, 6, 7, 8, 2]],
-          [[3, 4, 12, 2], [3, 4, 13, 14, 15, 2]],
-          [[20, 21, 22, 2]]]
+          [[3, 4, 12, 2], [3, 4, 13, 14, 2]],
+          [[20, 21, 2]]]
 RANKS = [[1, 0, 2], [0, 1], [0]]
 
 
@@ -44,25 +45,45 @@ def test_pack_group_exact_layout():
     assert last == [3, 6]
 
 
+def test_fill_rows_first_fit_by_decreasing_length():
+    assert fill_rows([5, 2, 3, 4], width=5) == [[0], [3], [2, 1]]
+    assert fill_rows([3, 3], width=3) == [[0], [1]]
+
+
 def test_pack_shared_prompts_exact_tensors():
-    batch = pack_shared_prompts([[[5, 6, 0], [5, 7, 0]], [[8, 0]]], pad_id=PAD)
-    assert batch["input_ids"].tolist() == [[5, 6, 0, 7, 0], [8, 0, PAD, PAD, PAD]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 1, 2], [0, 1, 0, 0, 0]]
-    assert batch["segment_ids"].tolist() == [[-1, 0, 0, 1, 1], [-1, 0, -2, -2, -2]]
-    assert batch["score_rows"].tolist() == [0, 0, 1]
-    assert batch["score_columns"].tolist() == [2, 4, 1]
+    # Blocks of 5, 2 and 3 tokens in rows of 5: [group 0], [group 2, group 1].
+    batch = pack_shared_prompts([[[5, 6, 0], [5, 7, 0]], [[8, 0]], [[3, 4, 0]]], pad_id=PAD)
+    assert batch["input_ids"].tolist() == [[5, 6, 0, 7, 0], [3, 4, 0, 8, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 1, 2], [0, 1, 2, 0, 1]]
+    assert batch["block_ids"].tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 1, 1]]
+    assert batch["segment_ids"].tolist() == [[-1, 0, 0, 1, 1], [-1, -1, 0, -1, 0]]
+    # Answers in group order: group 0's two, group 1's, group 2's.
+    assert batch["score_rows"].tolist() == [0, 0, 1, 1]
+    assert batch["score_columns"].tolist() == [2, 4, 4, 2]
 
 
-def test_block_mask_lets_an_answer_see_the_prompt_and_itself_only():
-    # Row [prompt p, answer 0: a a, answer 1: b, pad]: segments [-1, 0, 0, 1, -2].
-    allowed = block_attention_mask(torch.tensor([[-1, 0, 0, 1, -2]]))
-    assert allowed.shape == (1, 1, 5, 5)
-    assert allowed[0, 0].int().tolist() == [[1, 0, 0, 0, 0],   # p sees itself
-                                            [1, 1, 0, 0, 0],   # a sees p, itself
-                                            [1, 1, 1, 0, 0],   # a sees p, a, itself
-                                            [1, 0, 0, 1, 0],   # b sees p and itself, not a
-                                            [1, 0, 0, 0, 1]]   # padding: p and itself
+def test_pack_shared_prompts_pads_short_rows():
+    batch = pack_shared_prompts([[[5, 6, 0], [5, 7, 0]], [[8, 9, 0], [8, 0]]], pad_id=PAD)
+    assert batch["input_ids"].tolist() == [[5, 6, 0, 7, 0], [8, 9, 0, 0, PAD]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch["block_ids"][1].tolist() == [0, 0, 0, 0, -2]
+    assert batch["segment_ids"][1].tolist() == [-1, 0, 0, 1, -2]
+
+
+def test_block_mask_lets_an_answer_see_its_prompt_and_itself_only():
+    # Row [prompt p, answer 0: a a, answer 1: b | next block: prompt q, answer c | pad].
+    blocks = torch.tensor([[0, 0, 0, 0, 1, 1, -2]])
+    segments = torch.tensor([[-1, 0, 0, 1, -1, 0, -2]])
+    allowed = block_attention_mask(blocks, segments)
+    assert allowed.shape == (1, 1, 7, 7)
+    assert allowed[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0, 0],   # p sees itself
+                                            [1, 1, 0, 0, 0, 0, 0],   # a sees p, itself
+                                            [1, 1, 1, 0, 0, 0, 0],   # a sees p, a, itself
+                                            [1, 0, 0, 1, 0, 0, 0],   # b sees p and itself
+                                            [0, 0, 0, 0, 1, 0, 0],   # q: its block only
+                                            [0, 0, 0, 0, 1, 1, 0],   # c sees q and itself
+                                            [0, 0, 0, 0, 0, 0, 1]]   # padding: itself
 
 
 # --- exactness -----------------------------------------------------------------------------------
@@ -103,7 +124,9 @@ def ranking_loss_and_grads(model, scores: torch.Tensor) -> tuple[float, dict[str
 def test_packed_scores_and_gradients_equal_separate_sequences(family, attention):
     model = tiny_classifier(family, attention)
     separate = separate_scores(model)
-    packed = packed_scores(model, pack_shared_prompts(GROUPS, PAD))
+    batch = pack_shared_prompts(GROUPS, PAD)
+    assert batch["input_ids"].shape == (2, 10)  # two blocks share the second row
+    packed = packed_scores(model, batch)
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=0)
     assert separate.std() > 1e-3  # the answers' scores really differ
 
