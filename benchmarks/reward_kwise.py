@@ -7,9 +7,9 @@ Two data sets, each raced side by side in one run:
 - world: the embedded world's reward_train.jsonl / reward_eval.jsonl (K = 4 answers per prompt,
   short single-turn prompts);
 - long: multi-turn dialogues built here from the same rows: earlier turns (the world's
-  demonstrations) in front of each question until the prompt is about 200 tokens, and a closing
-  sentence shared by a prompt's K answers until each answer is about 50 tokens; the ranking is the
-  world row's.
+  demonstrations) in front of each question until the prompt is close to 200 tokens, and closing
+  sentences shared by a prompt's K answers until the longest answer is close to 50 tokens; the
+  ranking is the world row's.
 Both trainers start from the same model (the same new score head too) with the same seed, passes
 over the data, optimizer steps, learning-rate schedule and token sequences:
 - this stage: one example is one prompt with its K answers, packed into one row so the prompt is
@@ -51,7 +51,7 @@ from pipeline.world.cache import train_and_eval_files, world_file  # noqa: E402
 from stages.reward import (Config, RankedSet, held_out_metrics, load_splits, run,  # noqa: E402
                            score_batch_size)
 
-LONG_PROMPT_TOKENS = 200
+LONG_PROMPT_TOKENS = 200  # at most, and the longest answer at most LONG_ANSWER_TOKENS
 LONG_ANSWER_TOKENS = 50
 
 
@@ -156,22 +156,30 @@ def world_rows(registry: Registry, config: Config, name: str) -> list[dict]:
 
 
 def long_row(row: dict, demonstrations: list[list[dict]], tokenizer, rng: random.Random) -> dict:
-    """A world ranked row as a multi-turn dialogue: earlier turns before its question until the
-    prompt has LONG_PROMPT_TOKENS, and one closing sentence (a demonstration's answer, the same for
-    all K) after each answer until the longest has about LONG_ANSWER_TOKENS."""
+    """A world ranked row as a multi-turn dialogue: earlier turns before its question while the
+    prompt stays within LONG_PROMPT_TOKENS, and closing sentences (demonstrations' answers, the same
+    for all K) after its answers while the longest stays within LONG_ANSWER_TOKENS; together they
+    fit the tiny model's 256-token context, so no answer is cut (a cut answer shares no prompt)."""
+    def prompt_tokens(messages: list[dict]) -> int:
+        return len(encode_prompt(tokenizer, messages, 10**6))
+
+    def answer_tokens(messages: list[dict], responses: list[str]) -> int:
+        return max(len(encode_prompt_response(tokenizer, messages, response, 10**6))
+                   for response in responses) - prompt_tokens(messages)
+
     prompt = [{"role": "user", "content": row["prompt"]}]
-    while len(encode_prompt(tokenizer, prompt, 10**6)) < LONG_PROMPT_TOKENS:
-        prompt = rng.choice(demonstrations) + prompt
-    own_tokens = len(encode_prompt(tokenizer, prompt, 10**6))
     responses = list(row["responses"])
-
-    def longest_answer() -> int:
-        return max(len(encode_prompt_response(tokenizer, prompt, response, 10**6)) - own_tokens
-                   for response in responses)
-
-    while longest_answer() < LONG_ANSWER_TOKENS:
+    for _ in range(40):  # tries: a turn or a closing that would overshoot is skipped
+        if (prompt_tokens(prompt) > LONG_PROMPT_TOKENS - 20
+                and answer_tokens(prompt, responses) > LONG_ANSWER_TOKENS - 10):
+            break
+        longer_prompt = rng.choice(demonstrations) + prompt
+        if prompt_tokens(longer_prompt) <= LONG_PROMPT_TOKENS:
+            prompt = longer_prompt
         closing = rng.choice(demonstrations)[-1]["content"]
-        responses = [f"{response} {closing}" for response in responses]
+        longer_answers = [f"{response} {closing}" for response in responses]
+        if answer_tokens(prompt, longer_answers) <= LONG_ANSWER_TOKENS:
+            responses = longer_answers
     return {"prompt": prompt, "responses": responses, "ranking": row["ranking"]}
 
 
