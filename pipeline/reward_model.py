@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 
 from pipeline import console
-from pipeline.data.packing import right_pad
+from pipeline.data.packing import (block_attention_mask, pack_shared_prompts, right_pad,
+                                   shared_prefix_length)
 from pipeline.errors import UserError
 from pipeline.guard import REWARD_MARKER, require_reward_model
 from pipeline.registry import Resolved
@@ -174,6 +175,134 @@ def score_sequences(model, seqs: list[list[int]], batch_size: int = 32,
     bar.close()
     model.train(was_training)
     return scores
+
+
+# Attention implementations whose mask argument takes a custom 4D (B, 1, L, L) mask: sdpa a bool
+# one (True = attend), eager an additive float one. Flash attention takes none (only padding).
+_BLOCK_MASK_ATTENTION = ("sdpa", "eager")
+
+
+def packed_scores(model, batch: dict) -> torch.Tensor:
+    """(N,) float32 scores of a `pack_shared_prompts` batch, read at each answer's last token.
+
+    The call goes through the model's own forward (so DDP and peft wrappers see it); the score
+    head runs on every position there, and a hook on it keeps those per-token scores (B, L, 1),
+    which sequence classifiers otherwise reduce to one score per row.
+    """
+    classifier = _unwrapped(model)
+    allowed = block_attention_mask(batch["block_ids"], batch["segment_ids"])  # (B, 1, L, L)
+    if classifier.config._attn_implementation != "sdpa":
+        dtype = classifier.get_input_embeddings().weight.dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    token_scores = []
+    hook = classifier.score.register_forward_hook(
+        lambda module, args, output: token_scores.append(output))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=allowed,
+              position_ids=batch["position_ids"])
+    finally:
+        hook.remove()
+    return token_scores[0][batch["score_rows"], batch["score_columns"], 0].float()
+
+
+def _unwrapped(model):
+    """The transformers sequence classifier inside DDP and peft wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.no_grad()
+def shared_prompt_mismatch(model, group: list[list[int]]) -> str | None:
+    """Why this model cannot score a prompt's answers packed together, or None when it can.
+
+    It can when its attention takes a block mask and the packed scores of `group` (one prompt's
+    answer sequences) equal, to fp32 rounding, those of each answer as its own sequence; a model
+    that ignored the mask or the position ids would fail that check.
+    """
+    classifier = _unwrapped(model)
+    implementation = classifier.config._attn_implementation
+    if implementation not in _BLOCK_MASK_ATTENTION or not hasattr(classifier, "score"):
+        return f"the model's {implementation} attention takes no block attention mask"
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        batch = pack_shared_prompts([group], model.config.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        packed = packed_scores(model, batch)
+        input_ids, attention_mask = right_pad(group, model.config.pad_token_id)
+        separate = sequence_scores(model, input_ids.to(device), attention_mask.to(device))
+    except (TypeError, ValueError, RuntimeError) as err:
+        return f"the model fails on a block attention mask ({type(err).__name__}: {err})"
+    finally:
+        model.train(was_training)
+    gap = (packed - separate).abs().max().item()
+    if gap > 1e-4 * (1 + separate.abs().max().item()):
+        return f"the model's scores change under a block attention mask (by {gap:.2g})"
+    return None
+
+
+def choose_shared_prompt(model, groups: list[list[list[int]]]) -> tuple[bool, str]:
+    """Whether to score `groups` (each one prompt's encoded answers) packed, checked with
+    `shared_prompt_mismatch` on the first group with several answers; and a sentence saying how
+    the answers will be scored."""
+    group = next((seqs for seqs in groups if len(seqs) > 1), groups[0])
+    mismatch = shared_prompt_mismatch(model, group)
+    if mismatch is None:
+        return True, "each prompt is computed once for its answers (packed, block attention mask)"
+    return False, (f"{mismatch}; scoring each answer as its own sequence (its prompt computed "
+                   f"once per answer)")
+
+
+@torch.no_grad()
+def score_groups(model, groups: list[list[list[int]]], batch_size: int = 32,
+                 shared_prompt: bool = True, progress: str = "") -> list[list[float]]:
+    """Scores of each group's sequences (a group: one prompt's encoded answers), grouped alike.
+
+    With `shared_prompt` (see `shared_prompt_mismatch`) each group is packed into one row, so its
+    prompt is computed once; batches hold up to `batch_size` answers, groups of similar length.
+    Without it, every answer is scored as its own sequence.
+    """
+    if not shared_prompt:
+        flat = score_sequences(model, [seq for seqs in groups for seq in seqs], batch_size,
+                               progress)
+        return regroup(flat, [len(seqs) for seqs in groups])
+    device = next(model.parameters()).device
+    scores: list[list[float]] = [[] for _ in groups]
+    was_training = model.training
+    model.eval()
+    bar = console.progress(sum(len(seqs) for seqs in groups), progress, unit="answer",
+                           enabled=bool(progress))
+    for chunk in _group_batches(groups, batch_size):
+        batch = pack_shared_prompts([groups[i] for i in chunk], model.config.pad_token_id)
+        values = regroup(packed_scores(model, {k: v.to(device) for k, v in batch.items()}).tolist(),
+                         [len(groups[i]) for i in chunk])
+        for index, group_scores in zip(chunk, values):
+            scores[index] = group_scores
+        bar.update(sum(len(group_scores) for group_scores in values))
+    bar.close()
+    model.train(was_training)
+    return scores
+
+
+def _group_batches(groups: list[list[list[int]]], max_answers: int) -> list[list[int]]:
+    """Indices of groups in batches of at most `max_answers` answers (a larger group alone), the
+    groups ordered by their token count so that a batch's rows need little padding."""
+    def packed_length(seqs: list[list[int]]) -> int:
+        return sum(len(seq) for seq in seqs) - (len(seqs) - 1) * shared_prefix_length(seqs)
+
+    order = sorted(range(len(groups)), key=lambda i: packed_length(groups[i]))
+    batches, current, answers = [], [], 0
+    for index in order:
+        if current and answers + len(groups[index]) > max_answers:
+            batches.append(current)
+            current, answers = [], 0
+        current.append(index)
+        answers += len(groups[index])
+    return batches + [current] if current else batches
 
 
 def context_length(model, tokenizer) -> int:

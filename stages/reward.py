@@ -9,10 +9,14 @@ leaves no trace → a one-label sequence classifier with the parent's backbone a
 metrics → publish a plain Hugging Face directory plus `reward_model.json`.
 Re-running the same command after an interruption resumes from the last committed state.
 
-One example is one prompt with its K answers. A micro-batch flattens the answers of its prompts
-into one right-padded batch, so each answer is encoded and scored once per step (K sequences per
-prompt, not the K·(K−1) of a pairwise expansion); `pipeline.ranking.kwise_ranking_loss` then forms
-every strictly ordered pair of a prompt from those scores. Pairwise data is the K = 2 case.
+One example is one prompt with its K answers, each answer scored once per step (not once per
+pair side, as the K·(K−1) sequences of a pairwise expansion would). A micro-batch packs each prompt
+and its K answers into one row (`pipeline.data.packing.pack_shared_prompts`): the prompt's tokens
+are computed once, and a block attention mask with per-answer position ids gives every answer the
+score it has as its own sequence. A model whose attention takes no such mask gets the answers as
+separate right-padded sequences instead, and the stage says so. Then
+`pipeline.ranking.kwise_ranking_loss` forms every strictly ordered pair of a prompt from the scores.
+Pairwise data is the K = 2 case.
 
 Normalization (InstructGPT §3.5): after training, the score head gets the bias that makes the SFT
 answers score 0 on average. `normalize.answers: sft_samples` samples the parent (the SFT policy
@@ -34,7 +38,7 @@ from pydantic import Field
 from pipeline.config import HeldOutHubDataSection, LoraConfig, Section, StageConfig
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_ranked_rows
-from pipeline.data.packing import right_pad
+from pipeline.data.packing import pack_shared_prompts, right_pad
 from pipeline.errors import UserError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.loop import fit, micro_batch_indices
@@ -42,9 +46,10 @@ from pipeline.guard import check_chat_model, require_causal_lm
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.ranking import encode_groups, kwise_ranking_loss, ranking_metrics
 from pipeline.registry import Registry, Resolved, Run
-from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_model, encode_answers,
-                                   encode_ranked_row, regroup, reward_tokenizer, score_sequences,
-                                   sequence_scores)
+from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_model,
+                                   choose_shared_prompt, encode_answers, encode_ranked_row,
+                                   packed_scores, reward_tokenizer, score_groups,
+                                   score_sequences, sequence_scores)
 from pipeline.runtime import StageRun
 from pipeline.tokenizer import load_tokenizer
 from pipeline.world.cache import WorldSection, train_and_eval_files
@@ -146,19 +151,21 @@ def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set:
     stage_run.say(f"reward: {count_parameters(model, trainable_only=True):,} trainable of "
                   f"{count_parameters(model):,} parameters{' (LoRA)' if config.lora.enabled else ''}")
     pad_id = tokenizer.pad_token_id
+    shared, how = choose_shared_prompt(model, train_set.sequences)
+    stage_run.say(f"reward: {how}")
 
     def batches_for_step(step: int):
         return [(idx, collate_rankings([train_set.sequences[i] for i in idx],
-                                       [train_set.rows[i]["ranks"] for i in idx], pad_id))
+                                       [train_set.rows[i]["ranks"] for i in idx], pad_id, shared))
                 for idx in micro_batch_indices(stage_run, len(train_set.rows), step)]
 
     def loss_fn(model, batch: dict):
         return ranking_loss(model, batch, config.loss)
 
-    final_scores: list[float] = []  # the last eval's raw held-out scores, reused for the summary
+    final_scores: list[list[float]] = []  # the last eval's raw held-out scores, for the summary
 
     def eval_fn(model) -> dict:
-        final_scores[:] = held_out_scores(model, eval_set, score_batch_size(config))
+        final_scores[:] = held_out_scores(model, eval_set, score_batch_size(config), shared)
         return flat_metrics(scores_metrics(final_scores, eval_set, shift=0.0), scale_free=True)
 
     fit(stage_run, model, tokenizer, batches_for_step=batches_for_step, loss_fn=loss_fn,
@@ -249,24 +256,30 @@ def encode_rankings(tokenizer, rows: list[dict], data: DataSection, split: str) 
 
 
 def collate_rankings(sequences: list[list[list[int]]], rank_lists: list[list[int]],
-                     pad_id: int) -> dict[str, torch.Tensor]:
-    """Flatten the answers of a micro-batch's prompts into one batch for a single forward pass.
+                     pad_id: int, shared_prompt: bool) -> dict[str, torch.Tensor]:
+    """One micro-batch's prompts, their answers scored in a single forward pass.
 
     sequences[i][k] are the token ids of prompt i's answer k, rank_lists[i][k] its rank (0 = best).
-    Returns input_ids and attention_mask (N, T), right-padded, N = the total number of answers;
-    group_ids and ranks (N,) as `kwise_ranking_loss` takes them.
+    With `shared_prompt`, a `pack_shared_prompts` batch: one row per prompt. Without, input_ids and
+    attention_mask (N, T), right-padded, one row per answer. Both add group_ids and ranks (N,) as
+    `kwise_ranking_loss` takes them, N = the total number of answers.
     """
-
-    input_ids, attention_mask = right_pad([seq for answers in sequences for seq in answers], pad_id)
+    if shared_prompt:
+        batch = pack_shared_prompts(sequences, pad_id)
+    else:
+        input_ids, attention_mask = right_pad([seq for seqs in sequences for seq in seqs], pad_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     group_ids, ranks = encode_groups(rank_lists)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "group_ids": group_ids,
-            "ranks": ranks}
+    return {**batch, "group_ids": group_ids, "ranks": ranks}
 
 
 # -- loss, evaluation, normalization --------------------------------------------------------------
 def ranking_loss(model, batch: dict, loss: LossSection):
-    """K-wise ranking loss over one flattened micro-batch; every answer scored once."""
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (N,)
+    """K-wise ranking loss over one micro-batch (`collate_rankings`); every answer scored once."""
+    if "segment_ids" in batch:
+        scores = packed_scores(model, batch)  # (N,)
+    else:
+        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
     value, stats = kwise_ranking_loss(scores, batch["group_ids"], batch["ranks"],
                                       margin=loss.margin, center_coef=loss.center_coef)
     return value, {"pairwise_accuracy": stats["pairwise_accuracy"],
@@ -278,21 +291,24 @@ def score_batch_size(config: Config) -> int:
     return config.train.batch_size * 4
 
 
-def held_out_metrics(model, eval_set: RankedSet, batch_size: int, shift: float) -> dict:
+def held_out_metrics(model, eval_set: RankedSet, batch_size: int, shift: float,
+                     shared_prompt: bool) -> dict:
     """`pipeline.ranking.ranking_metrics` of the eval rankings, on the model's scores minus
     `shift`."""
-    return scores_metrics(held_out_scores(model, eval_set, batch_size), eval_set, shift)
+    return scores_metrics(held_out_scores(model, eval_set, batch_size, shared_prompt), eval_set,
+                          shift)
 
 
-def held_out_scores(model, eval_set: RankedSet, batch_size: int) -> list[float]:
-    """The model's raw score of every eval answer, prompt after prompt."""
-    return score_sequences(model, [seq for seqs in eval_set.sequences for seq in seqs],
-                           batch_size=batch_size, progress="reward: score held-out answers")
+def held_out_scores(model, eval_set: RankedSet, batch_size: int,
+                    shared_prompt: bool) -> list[list[float]]:
+    """The model's raw scores of the eval answers, a list per prompt (see `score_groups`)."""
+    return score_groups(model, eval_set.sequences, batch_size, shared_prompt,
+                        progress="reward: score held-out answers")
 
 
-def scores_metrics(flat: list[float], eval_set: RankedSet, shift: float) -> dict:
-    """`pipeline.ranking.ranking_metrics` of the eval rankings, on `flat` scores minus `shift`."""
-    score_lists = regroup([score - shift for score in flat], [len(s) for s in eval_set.sequences])
+def scores_metrics(score_lists: list[list[float]], eval_set: RankedSet, shift: float) -> dict:
+    """`pipeline.ranking.ranking_metrics` of the eval rankings, on `score_lists` minus `shift`."""
+    score_lists = [[score - shift for score in scores] for scores in score_lists]
     return ranking_metrics(score_lists, [row["ranks"] for row in eval_set.rows])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import torch
 
@@ -16,8 +17,8 @@ from pipeline.data.formats import load_ranked_rows
 from pipeline.errors import UserError
 from pipeline.ranking import ranking_metrics
 from pipeline.registry import Registry
-from pipeline.reward_model import (context_length, encode_ranked_row, load_reward_model, regroup,
-                                   score_sequences, score_texts)
+from pipeline.reward_model import (choose_shared_prompt, context_length, encode_ranked_row,
+                                   load_reward_model, score_groups, score_texts)
 
 
 def cmd_score(args) -> int:
@@ -88,13 +89,15 @@ def score_ranked_file(model, tokenizer, path: str, n_worst: int) -> dict:
 
     rows = load_ranked_rows(path)
     max_length = context_length(model, tokenizer)
-    seqs, truncated = [], 0
+    groups, truncated = [], 0
     for row in rows:
         row_seqs, cut = encode_ranked_row(tokenizer, row, max_length, f"{path}:{row['_line']}")
-        seqs += row_seqs
+        groups.append(row_seqs)
         truncated += cut
-    flat = score_sequences(model, seqs, progress="score")
-    score_lists = regroup(flat, [len(row["responses"]) for row in rows])
+    shared, how = choose_shared_prompt(model, groups)
+    if not shared:
+        print(f"score: {how}", file=sys.stderr)
+    score_lists = score_groups(model, groups, shared_prompt=shared, progress="score")
     rank_lists = [row["ranks"] for row in rows]
     metrics = ranking_metrics(score_lists, rank_lists)
     scores_by_rank: dict[int, list[float]] = {}

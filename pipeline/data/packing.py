@@ -4,6 +4,7 @@
 - `right_pad`: whole sequences for a forward pass (training, scoring); `pad_labeled` adds labels.
 - `pack_blocks`: a text corpus into fixed-length blocks (pretraining, PPO-ptx).
 - `pack_examples`: labeled examples concatenated into blocks (SFT packing).
+- `pack_shared_prompts`: the answers of a prompt in one row, the prompt computed once (reward).
 
 Padding is always found from the lengths, never by comparing ids with the pad id, which may be
 the EOS that ends every answer.
@@ -76,3 +77,111 @@ def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
             blocks.append({"input_ids": input_ids[start: start + block_size],
                            "labels": block_labels})
     return blocks
+
+
+# -- shared-prompt packing ------------------------------------------------------------------------
+# A prompt's K answers are encoded as K sequences that start with the same tokens (the prompt).
+# Packed, the shared start is computed once: a block holds the shared tokens, then each answer's
+# own tokens; a block mask lets an answer see its block's shared tokens and itself, never another
+# answer or block, and its position ids continue the shared part's, so each answer's hidden states
+# (and its score at its last token) equal those of its own sequence. Short blocks share a row, so
+# a batch carries little padding.
+SHARED_SEGMENT = -1  # segment id of a block's shared tokens; answers are 0..K−1
+PAD_SEGMENT = -2     # segment and block id of padding
+
+
+def shared_prefix_length(seqs: list[list[int]]) -> int:
+    """Tokens that every sequence starts with, leaving each at least its last token of its own
+    (where its score is read): [[5, 6, 7, 0], [5, 6, 9, 0]] -> 2; [[5, 6], [5, 6, 7]] -> 1."""
+    limit = min(len(seq) for seq in seqs) - 1
+    length = 0
+    while length < limit and all(seq[length] == seqs[0][length] for seq in seqs):
+        length += 1
+    return length
+
+
+def pack_group(seqs: list[list[int]]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """One prompt's answer sequences as one block: (token ids, position ids, segment ids, and the
+    column of each answer's last token).
+
+    [[5, 6, 7, 0], [5, 6, 9, 9, 0]] -> ids [5, 6, 7, 0, 9, 9, 0], positions [0, 1, 2, 3, 2, 3, 4],
+    segments [-1, -1, 0, 0, 1, 1, 1], last columns [3, 6].
+    """
+    shared = shared_prefix_length(seqs)
+    ids, positions = list(seqs[0][:shared]), list(range(shared))
+    segments = [SHARED_SEGMENT] * shared
+    last_columns = []
+    for answer, seq in enumerate(seqs):
+        ids.extend(seq[shared:])
+        positions.extend(range(shared, len(seq)))
+        segments.extend([answer] * (len(seq) - shared))
+        last_columns.append(len(ids) - 1)
+    return ids, positions, segments, last_columns
+
+
+def fill_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Blocks of the given lengths placed into rows of `width` (no block longer), first fit in
+    order of decreasing length: indices of the blocks in each row. [5, 2, 3, 4] in width 5 ->
+    [[0], [3], [2, 1]]."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for block in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, space in enumerate(free) if space >= lengths[block]), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(block)
+        free[row] -= lengths[block]
+    return rows
+
+
+def pack_shared_prompts(groups: list[list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack each group (one prompt's answer sequences) into one block, and the blocks into right-
+    padded rows no longer than the longest block (`fill_rows`).
+
+    Returns input_ids, attention_mask (1 = token, 0 = padding), position_ids, block_ids (which
+    block of its row a token is in) and segment_ids, all (B, L) long; score_rows and score_columns
+    (N,) long: where answer n of the flattened groups ends, in group order.
+    `block_attention_mask(block_ids, segment_ids)` gives the mask a forward pass takes.
+    """
+    blocks = [pack_group(seqs) for seqs in groups]
+    rows = fill_rows([len(ids) for ids, *_ in blocks], max(len(ids) for ids, *_ in blocks))
+    row_ids, row_positions, row_blocks, row_segments = [], [], [], []
+    where = {}  # group index -> (row, column where its block starts)
+    for row, members in enumerate(rows):
+        ids, positions, block_ids, segments = [], [], [], []
+        for block, group in enumerate(members):
+            where[group] = (row, len(ids))
+            block_tokens, block_positions, block_segments, _ = blocks[group]
+            ids += block_tokens
+            positions += block_positions
+            block_ids += [block] * len(block_tokens)
+            segments += block_segments
+        row_ids.append(ids)
+        row_positions.append(positions)
+        row_blocks.append(block_ids)
+        row_segments.append(segments)
+    input_ids, attention_mask = right_pad(row_ids, pad_id)
+    ends = [(group, column) for group, (*_, last_columns) in enumerate(blocks)
+            for column in last_columns]
+    score_rows = [where[group][0] for group, _ in ends]
+    score_columns = [where[group][1] + column for group, column in ends]
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": right_pad(row_positions, 0)[0],
+            "block_ids": right_pad(row_blocks, PAD_SEGMENT)[0],
+            "segment_ids": right_pad(row_segments, PAD_SEGMENT)[0],
+            "score_rows": torch.tensor(score_rows, dtype=torch.long),
+            "score_columns": torch.tensor(score_columns, dtype=torch.long)}
+
+
+def block_attention_mask(block_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) block and segment ids -> (B, 1, L, L) bool, True where query row i may attend to key
+    column j: causal (j ≤ i), the same block, and j a shared token or in i's own segment. Padding
+    attends to earlier padding only, so no row is empty (an empty row would make softmax NaN)."""
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same_block = block_ids.unsqueeze(2) == block_ids.unsqueeze(1)  # (B, L, L)
+    same_segment = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
+    shared_key = (segment_ids == SHARED_SEGMENT).unsqueeze(1)  # (B, 1, L)
+    return (causal & same_block & (same_segment | shared_key)).unsqueeze(1)

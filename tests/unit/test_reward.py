@@ -82,7 +82,7 @@ def test_right_pad_exact_tensors():
 def test_collate_flattens_every_answer_of_every_prompt_once():
     # Prompt 0 has K = 2, prompt 1 has K = 3 with a tie: variable K in one batch.
     sequences = [[[5, 6, 0], [7, 0]], [[8, 9, 10, 0], [11, 0], [12, 13, 0]]]
-    batch = collate_rankings(sequences, [[0, 1], [1, 0, 1]], pad_id=1)
+    batch = collate_rankings(sequences, [[0, 1], [1, 0, 1]], pad_id=1, shared_prompt=False)
     assert batch["input_ids"].tolist() == [[5, 6, 0, 1], [7, 0, 1, 1], [8, 9, 10, 0],
                                            [11, 0, 1, 1], [12, 13, 0, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1],
@@ -103,11 +103,32 @@ def test_ranking_loss_scores_all_answers_in_one_forward_pass():
 
     # Prompt 0: answers scored 3 (rank 0) and 1 (rank 1): one pair with gap 2.
     # Prompt 1: scores 2, 4, 2 with ranks 1, 0, 1: two pairs with gap 2; the tie forms no pair.
-    batch = collate_rankings([[[3, 0], [1, 0]], [[2, 0], [4, 0], [2, 0]]], [[0, 1], [1, 0, 1]], 9)
+    batch = collate_rankings([[[3, 0], [1, 0]], [[2, 0], [4, 0], [2, 0]]], [[0, 1], [1, 0, 1]], 9,
+                             shared_prompt=False)
     loss, stats = ranking_loss(FixedScores(), batch, LossSection())
     assert calls == [(5, 2)]  # one forward, one row per answer (not one per pair side)
     assert loss.item() == pytest.approx(0.126928011042973)  # −log σ(2) for every pair
     assert stats["pairwise_accuracy"].item() == 1.0
+
+
+def test_packed_micro_batch_has_one_row_per_prompt_and_the_same_loss(reward_parts):
+    model, tokenizer = reward_parts
+    answers = [["Six.", "Three chickens have six legs.", "Happy to help!"], ["Moo.", "A cow."]]
+    sequences = [encode_answers(tokenizer, [prompt] * len(texts), texts, 64)[0]
+                 for prompt, texts in zip(["How many legs?", "What does a cow say?"], answers)]
+    ranks = [[1, 0, 2], [0, 1]]
+    packed = collate_rankings(sequences, ranks, tokenizer.pad_token_id, shared_prompt=True)
+    flat = collate_rankings(sequences, ranks, tokenizer.pad_token_id, shared_prompt=False)
+    assert packed["input_ids"].shape[0] == 2 and flat["input_ids"].shape[0] == 5
+    # The prompt's tokens are in the packed batch once, not once per answer.
+    assert packed["attention_mask"].sum() < flat["attention_mask"].sum()
+    loss = LossSection(margin=0.5, center_coef=0.1)
+    with torch.no_grad():
+        packed_loss, packed_stats = ranking_loss(model, packed, loss)
+        flat_loss, flat_stats = ranking_loss(model, flat, loss)
+    assert packed_loss.item() == pytest.approx(flat_loss.item(), abs=1e-6)
+    assert packed_stats["score_mean"].item() == pytest.approx(flat_stats["score_mean"].item(),
+                                                              abs=1e-6)
 
 
 # --- where the score is read --------------------------------------------------------------------
