@@ -126,15 +126,6 @@ class Models:
             return response_logits(self.policy, sequences, attention_mask, response_width)[0]
 
 
-def rollout_values(models: Models, sequences, attention_mask, response_width: int) -> torch.Tensor:
-    """(B, T) values of the states before each response token, from the critic or the value head."""
-    if models.value_head is not None:
-        _, hidden = response_logits(models.policy, sequences, attention_mask, response_width,
-                                    with_hidden=True)
-        return models.value_head(hidden)
-    return critic_values(models.value_model, sequences, attention_mask, response_width)
-
-
 def critic_values(value_model, sequences, attention_mask, response_width: int) -> torch.Tensor:
     """A separate value model's (B, T) values: its outputs at positions P − 1 … L − 2."""
     return value_model(sequences, attention_mask)[:, -(response_width + 1):-1]
