@@ -67,6 +67,9 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="steps between evals; 0 = only at the end")
     eval_batches: int = Field(8, ge=1, description="batches per evaluation")
     log_every: int = Field(1, ge=1)
+    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations "
+                                         "in the backward pass: less memory, about a third "
+                                         "more compute")
 
 
 class CheckpointConfig(Section):
@@ -95,6 +98,14 @@ def remote_code_warning() -> None:
     """Print the remote-code warning (once per process)."""
     print("warning: runtime.trust_remote_code is true: code shipped in the model directory "
           "will run", file=sys.stderr)
+
+
+class ModelDtypeSection(Section):
+    """Base of every stage's `model` section: the dtype of the weights the stage loads."""
+
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="weights the stage loads and trains: auto = float32 (frozen models "
+        "in the compute dtype of runtime.precision); bf16 or fp16 (GPU only) halve them")
 
 
 class LoraConfig(Section):

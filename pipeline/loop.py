@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.models import enable_gradient_checkpointing
+from pipeline.precision import memory_line
 from pipeline.runtime import StageRun
 
 
@@ -80,7 +82,10 @@ def fit(stage_run: StageRun, model, tokenizer, *,
     """
     accelerator = stage_run.accelerator
     train = stage_run.config.train
+    if train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer, scheduler = make_optimizer(stage_run, model)
+    stage_run.say(memory_line(desc, {"model": model}, [model]))
     model, optimizer = accelerator.prepare(model, optimizer)
     if stage_run.resume:
         stage_run.load_state({"main": optimizer}, {"main": scheduler})

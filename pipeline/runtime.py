@@ -30,6 +30,7 @@ from transformers.utils import logging as transformers_logging
 import pipeline
 from pipeline.config import RuntimeConfig, StageConfig, config_hash, to_dict
 from pipeline.errors import UserError
+from pipeline.precision import Precision, peak_memory_mib
 from pipeline.registry import (Registry, Resolved, Run, commit_directory, directory_problems,
                                list_states)
 
@@ -45,16 +46,31 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Accelerator:
-    """One place builds the Accelerator (precision policy, trackers)."""
+def runs_on_cpu(cfg: RuntimeConfig) -> bool:
+    return cfg.cpu or not torch.cuda.is_available()
+
+
+def mixed_precision(cfg: RuntimeConfig) -> str:
+    """The accelerator's autocast: "bf16" for `auto` on a bf16-capable GPU, else as configured."""
     precision = cfg.precision
     if precision == "auto":
-        use_bf16 = torch.cuda.is_available() and not cfg.cpu and torch.cuda.is_bf16_supported()
+        use_bf16 = not runs_on_cpu(cfg) and torch.cuda.is_bf16_supported()
         precision = "bf16" if use_bf16 else "fp32"
+    return "no" if precision == "fp32" else precision
+
+
+def stage_precision(config: StageConfig) -> Precision:
+    """The dtypes of a stage's trained and frozen models (`pipeline.precision`)."""
+    return Precision.resolve(config.model.dtype, mixed_precision(config.runtime),
+                             runs_on_cpu(config.runtime))
+
+
+def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Accelerator:
+    """One place builds the Accelerator (precision policy, trackers)."""
     return Accelerator(
         # cpu=True also makes accelerate see a torchrun launch on a CPU machine (gloo, MULTI_CPU)
-        cpu=cfg.cpu or not torch.cuda.is_available(),
-        mixed_precision="no" if precision == "fp32" else precision,
+        cpu=runs_on_cpu(cfg),
+        mixed_precision=mixed_precision(cfg),
         dynamo_backend="inductor" if cfg.compile else "no",
         log_with=list(cfg.report_to) or None,
         project_dir=str(run_dir / "trackers") if run_dir and cfg.report_to else None,
@@ -103,6 +119,7 @@ class StageRun:
     def open(cls, stage: str, config: StageConfig, registry: Registry, *,
              parents: dict[str, Resolved], data_fingerprint: str, restart: bool = False,
              pipeline_id: str | None = None) -> "StageRun":
+        stage_precision(config)  # a dtype the device cannot train in is refused before any write
         accelerator = make_accelerator(config.runtime)
         set_seed(config.seed)
         digest = config_hash(config)
@@ -206,7 +223,11 @@ class StageRun:
 
     # -- finishing ----------------------------------------------------------------------------
     def publish(self, model, tokenizer, summary: dict, extra_writer=None) -> Path | None:
-        """Save the final model as a plain HF directory and mark the run completed."""
+        """Save the final model as a plain HF directory and mark the run completed. The summary
+        gains this process's peak memory (`peak_memory_mib`: GPU allocated, or resident set)."""
+        summary = {**summary, "peak_memory_mib": round(peak_memory_mib(self.accelerator.device), 1)}
+        self.say(f"peak memory: {summary['peak_memory_mib']:,.1f} MiB "
+                 f"({'GPU' if self.accelerator.device.type == 'cuda' else 'resident set'})")
         weights = self.full_state_dict(model)
         final = None
         if self.is_main:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipeline.config import Section, StageConfig
+from pipeline.config import ModelDtypeSection, Section, StageConfig
 from pipeline.data.fingerprint import fingerprint_files
 from pipeline.data.formats import read_text_corpus
 from pipeline.data.packing import pack_blocks
@@ -26,12 +26,12 @@ from pipeline.guard import require_causal_lm
 from pipeline.loop import fit, micro_batch_indices
 from pipeline.models import PRESETS, build_from_preset, count_parameters, load_causal_lm
 from pipeline.registry import Registry, Resolved, Run
-from pipeline.runtime import StageRun
+from pipeline.runtime import StageRun, stage_precision
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.world.cache import WorldSection, world_file
 
 
-class ModelSection(Section):
+class ModelSection(ModelDtypeSection):
     preset: Literal["tiny", "small", "base"] = Field("tiny", description="size when training from scratch")
     source: str | None = Field(None, description="continue pretraining this model (ref, dir or hub name)")
 
@@ -113,7 +113,8 @@ def _load_source(config: Config, resolved: Resolved) -> tuple:
     trust = config.runtime.trust_remote_code
     path = require_causal_lm(resolved, "model.source", trust)
     return (load_tokenizer(path, trust_remote_code=trust),
-            load_causal_lm(resolved, trust_remote_code=trust, role="model.source"))
+            load_causal_lm(resolved, trust_remote_code=trust, role="model.source",
+                           dtype=stage_precision(config).weights))
 
 
 def _tokenizer_and_model(stage_run, config: Config, texts: list[str], source: tuple | None):
@@ -129,7 +130,8 @@ def _tokenizer_and_model(stage_run, config: Config, texts: list[str], source: tu
     else:
         tokenizer = train_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
     tokenizer.model_max_length = PRESETS[config.model.preset]["max_position_embeddings"]
-    return tokenizer, build_from_preset(config.model.preset, tokenizer, config.seed)
+    return tokenizer, build_from_preset(config.model.preset, tokenizer, config.seed,
+                                        stage_precision(config).weights)
 
 
 def causal_lm_loss(model, batch: dict):

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import LoraConfig, Section, StageConfig
+from pipeline.config import LoraConfig, ModelDtypeSection, Section, StageConfig
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_sft_rows
 from pipeline.data.packing import pack_examples, pad_labeled
@@ -34,13 +34,13 @@ from pipeline.loop import fit, micro_batch_indices, to_device
 from pipeline.guard import ADAPTER_CONFIG, require_causal_lm
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.registry import Registry, Resolved, Run
-from pipeline.runtime import StageRun
+from pipeline.runtime import StageRun, stage_precision
 from pipeline.tokenizer import IGNORE_INDEX, check_context, encode_chat, load_tokenizer
 from pipeline.world.cache import WorldSection, train_and_eval_files
 from pipeline.world.evaluation import GoldEvalSection, gold_eval, gold_metrics
 
 
-class ModelSection(Section):
+class ModelSection(ModelDtypeSection):
     source: str = Field("pretrain:latest", description="the model to fine-tune: a registry "
                         "reference (run id, STAGE:latest, alias), an HF directory or a hub name")
 
@@ -167,11 +167,12 @@ def _model_and_gold_before(stage_run, config: Config, tokenizer, prompts: list[s
     """
 
     trust = config.runtime.trust_remote_code
+    dtype = stage_precision(config).weights
     gold_before = logged_gold_before(stage_run)
     start_model = None
     if stage_run.resume is None or (prompts and not gold_before):
         start_model = prepare_model(load_causal_lm(parent, trust_remote_code=trust,
-                                                   trainable_adapter=False),
+                                                   trainable_adapter=False, dtype=dtype),
                                     tokenizer, config.lora, parent)
     if prompts and not gold_before:
         gold = measure_gold(start_model, tokenizer, prompts, config)
@@ -180,7 +181,8 @@ def _model_and_gold_before(stage_run, config: Config, tokenizer, prompts: list[s
         stage_run.log(0, gold_before)
     resume_dir = stage_run.state_model_dir()
     if resume_dir is not None:
-        return load_causal_lm(Resolved(str(resume_dir)), trust_remote_code=trust), gold_before
+        return (load_causal_lm(Resolved(str(resume_dir)), trust_remote_code=trust, dtype=dtype),
+                gold_before)
     return start_model, gold_before
 
 
