@@ -119,7 +119,6 @@ class StageRun:
     def open(cls, stage: str, config: StageConfig, registry: Registry, *,
              parents: dict[str, Resolved], data_fingerprint: str, restart: bool = False,
              pipeline_id: str | None = None) -> "StageRun":
-        stage_precision(config)  # a dtype the device cannot train in is refused before any write
         accelerator = make_accelerator(config.runtime)
         set_seed(config.seed)
         digest = config_hash(config)

@@ -65,6 +65,7 @@ def corpus_paths(config: Config, registry: Registry) -> list[str]:
 
 def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
+    stage_precision(config)  # refuses a dtype this device cannot train in, before any write
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)} if config.model.source else {}
     # Load the model to continue before anything is written (the world's files, the run): a bad

@@ -120,6 +120,7 @@ class RankedSet:
 
 def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
+    stage_precision(config)  # refuses a dtype this device cannot train in, before any write
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code

@@ -79,6 +79,7 @@ class Inputs:
 
 def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
+    stage_precision(config)  # refuses a dtype this device cannot train in, before any write
     if parents is None:
         parents = {"policy": registry.resolve(config.model.policy),
                    "reward": registry.resolve(config.model.reward)}
