@@ -86,6 +86,7 @@ def fit(stage_run: StageRun, model, tokenizer, *,
         enable_gradient_checkpointing(model)
     optimizer, scheduler = make_optimizer(stage_run, model)
     stage_run.say(memory_line(desc, {"model": model}, [model]))
+    stage_run.check_sharding(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     if stage_run.resume:
         stage_run.load_state({"main": optimizer}, {"main": scheduler})

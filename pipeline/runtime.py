@@ -77,6 +77,20 @@ def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Acceler
     )
 
 
+def check_wrap_classes(model, class_names: list[str] | None) -> None:
+    """Refuse FSDP wrap classes the model does not contain, naming the ones it does (accelerate
+    would raise a bare ValueError halfway through `prepare`). None or empty: accelerate wraps the
+    model's own `_no_split_modules`, which needs no check."""
+    present = {type(module).__name__ for module in model.modules()}
+    missing = [name for name in class_names or [] if name not in present]
+    if missing:
+        own = ", ".join(getattr(model, "_no_split_modules", None) or []) or "none"
+        raise UserError(f"the accelerate config's fsdp_transformer_layer_cls_to_wrap names "
+                        f"{', '.join(missing)}, which {type(model).__name__} does not contain (its "
+                        f"own layer classes: {own}); remove that key to wrap the model's own "
+                        f"layers, or name one of them")
+
+
 def versions() -> dict[str, str]:
     import transformers
     return {"rlhf-pipeline": pipeline.__version__, "torch": torch.__version__,
@@ -144,6 +158,12 @@ class StageRun:
     @property
     def start_step(self) -> int:
         return self.resume.step if self.resume else 0
+
+    def check_sharding(self, *models) -> None:
+        """Under FSDP, the wrap classes of the launch config must exist in every model it wraps."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        for model in models if plugin is not None else ():
+            check_wrap_classes(model, plugin.transformer_cls_names_to_wrap)
 
     def say(self, message: str) -> None:
         if self.is_main:

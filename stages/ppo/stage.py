@@ -196,6 +196,7 @@ def _train(stage_run, config: Config, inputs: Inputs) -> Run:
                           resume_dir, stage_precision(config).frozen)
     stage_run.say(describe_setup(config, inputs, models))
     stage_run.say(memory_line("ppo", models.named(), [models.policy, models.critic]))
+    stage_run.check_sharding(*(model for model in (models.policy, models.value_model) if model))
     gold_start = start_gold(stage_run, models.policy, tokenizer, inputs.eval_prompts, config)
     ptx_blocks = (pack_blocks(inputs.ptx_texts, tokenizer, config.ptx.seq_len)
                   if inputs.ptx_texts else None)
