@@ -83,6 +83,11 @@ class RuntimeConfig(Section):
     cpu: bool = Field(False, description="force the CPU even when a GPU is present")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     compile: bool = Field(False, description="torch.compile the model (GPU)")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp: parameters, gradients and optimizer state split across the "
+        "processes of a torchrun / accelerate launch (FSDP2); none: each process holds them whole")
+    fsdp_layers: list[str] = Field(default_factory=list, description="classes sharded as one unit "
+                                   "each; empty = the model's own _no_split_modules")
     trust_remote_code: bool = Field(False, description="allow code shipped in model directories")
 
     @model_validator(mode="after")
@@ -124,6 +129,21 @@ class StageConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _sharding_supports(self) -> "StageConfig":
+        """What sharded training does not cover yet is refused as the config is read."""
+        if self.runtime.sharding != "fsdp":
+            return self
+        lora = getattr(self, "lora", None)
+        if lora is not None and lora.enabled:
+            raise ValueError("runtime.sharding=fsdp does not support LoRA yet; set "
+                             "lora.enabled=false, or runtime.sharding=none")
+        ema = getattr(self, "ema", None)
+        if ema is not None and ema.decay > 0:
+            raise ValueError("runtime.sharding=fsdp does not support the EMA of the policy yet; "
+                             "set ema.decay=0, or runtime.sharding=none")
+        return self
 
 
 def load_config(config_cls: type[BaseModel], path: str | Path | None,

@@ -30,6 +30,7 @@ from transformers.utils import logging as transformers_logging
 import pipeline
 from pipeline.config import RuntimeConfig, StageConfig, config_hash, to_dict
 from pipeline.errors import UserError
+from pipeline import sharding
 from pipeline.precision import Precision, peak_memory_mib
 from pipeline.registry import (Registry, Resolved, Run, commit_directory, directory_problems,
                                list_states)
@@ -77,20 +78,6 @@ def make_accelerator(cfg: RuntimeConfig, run_dir: Path | None = None) -> Acceler
     )
 
 
-def check_wrap_classes(model, class_names: list[str] | None) -> None:
-    """Refuse FSDP wrap classes the model does not contain, naming the ones it does (accelerate
-    would raise a bare ValueError halfway through `prepare`). None or empty: accelerate wraps the
-    model's own `_no_split_modules`, which needs no check."""
-    present = {type(module).__name__ for module in model.modules()}
-    missing = [name for name in class_names or [] if name not in present]
-    if missing:
-        own = ", ".join(getattr(model, "_no_split_modules", None) or []) or "none"
-        raise UserError(f"the accelerate config's fsdp_transformer_layer_cls_to_wrap names "
-                        f"{', '.join(missing)}, which {type(model).__name__} does not contain (its "
-                        f"own layer classes: {own}); remove that key to wrap the model's own "
-                        f"layers, or name one of them")
-
-
 def versions() -> dict[str, str]:
     import transformers
     return {"rlhf-pipeline": pipeline.__version__, "torch": torch.__version__,
@@ -107,6 +94,10 @@ def _git_revision() -> str:
         return "unknown"
 
 
+# Where a sharded resume state keeps every process's shard of the optimizer state.
+SHARDS_DIR = "optimizer-shards"
+
+
 @dataclass
 class ResumePoint:
     """A committed state to continue from."""
@@ -114,6 +105,7 @@ class ResumePoint:
     step: int
     path: Path
     extra: dict
+    processes: int | None  # how many processes wrote it (None: a state from before it was noted)
 
 
 class StageRun:
@@ -139,7 +131,7 @@ class StageRun:
         decision = [None, None, False]
         if accelerator.is_main_process:
             decision = _decide(stage, config, digest, registry, parents, data_fingerprint,
-                               restart, pipeline_id)
+                               restart, pipeline_id, accelerator.num_processes)
         broadcast_object_list(decision) if accelerator.num_processes > 1 else None
         run_id, resume, reused = decision
         run = registry.get(run_id)
@@ -156,14 +148,19 @@ class StageRun:
         return self.registry.run_dir(self.run.id)
 
     @property
+    def sharded(self) -> bool:
+        """Whether models are sharded over the processes (`runtime.sharding`, `pipeline.sharding`)."""
+        return sharding.active(self.config.runtime.sharding)
+
+    def shard(self, model):
+        """`model` sharded in place when the run is sharded (before its optimizer is built)."""
+        if not self.sharded:
+            return model
+        return sharding.shard(model, self.config.runtime.fsdp_layers, self.accelerator.device)
+
+    @property
     def start_step(self) -> int:
         return self.resume.step if self.resume else 0
-
-    def check_sharding(self, *models) -> None:
-        """Under FSDP, the wrap classes of the launch config must exist in every model it wraps."""
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        for model in models if plugin is not None else ():
-            check_wrap_classes(model, plugin.transformer_cls_names_to_wrap)
 
     def say(self, message: str) -> None:
         if self.is_main:
@@ -185,13 +182,21 @@ class StageRun:
 
     # -- resume states ------------------------------------------------------------------------
     def save_state(self, step: int, *, models: dict[str, Any], optimizers: dict[str, Any],
-                   schedulers: dict[str, Any], extra: dict, tokenizer=None) -> None:
+                   schedulers: dict[str, Any], extra: dict, tokenizer=None,
+                   optimizer_modules: dict[str, Any] | None = None) -> None:
         """Commit `state/step-N/`: models as HF dirs, optimizer/scheduler/RNG, `extra` (JSON).
 
-        Old states are pruned to `checkpoint.keep_last` only after the new one is committed.
+        Sharded, every process writes its shard of the optimizers' state (`optimizer-shards/`;
+        `optimizer_modules` names the module each optimizer trains) into a staging directory that
+        the main process moves into the state as it commits it, so the state appears whole or not
+        at all. Old states are pruned to `checkpoint.keep_last` only after the new one is
+        committed.
         """
         rng_states = _gather_rng(self.accelerator)
         weights = {name: self.full_state_dict(model) for name, model in models.items()}
+        shards = self.run_dir / "state" / f".tmp-shards-step-{step}"
+        if self.sharded:
+            sharding.save_optimizer_shards(optimizers, optimizer_modules, shards)
         if self.is_main:
             def write(tmp: Path) -> None:
                 for name, model in models.items():
@@ -199,21 +204,27 @@ class StageRun:
                         tmp / name, state_dict=weights[name])
                     if tokenizer is not None:
                         tokenizer.save_pretrained(tmp / name)
-                for name, optimizer in optimizers.items():
-                    torch.save(optimizer.state_dict(), tmp / f"optimizer-{name}.pt")
+                if self.sharded:
+                    os.rename(shards, tmp / SHARDS_DIR)
+                else:
+                    for name, optimizer in optimizers.items():
+                        torch.save(optimizer.state_dict(), tmp / f"optimizer-{name}.pt")
                 for name, scheduler in schedulers.items():
                     torch.save(scheduler.state_dict(), tmp / f"scheduler-{name}.pt")
                 torch.save(rng_states, tmp / "rng.pt")
-                (tmp / "trainer_state.json").write_text(
-                    json.dumps({"step": step, "extra": extra}, indent=1, ensure_ascii=False))
+                (tmp / "trainer_state.json").write_text(json.dumps(
+                    {"step": step, "processes": self.accelerator.num_processes,
+                     "sharded": self.sharded, "extra": extra}, indent=1, ensure_ascii=False))
 
             commit_directory(self.run_dir / "state" / f"step-{step}", write)
             self._prune_states()
         self.accelerator.wait_for_everyone()
 
     def full_state_dict(self, model) -> dict:
-        """The whole model's weights on the main process; a collective call under FSDP/ZeRO-3."""
+        """The whole model's weights on the main process; a collective call when sharded."""
         self.accelerator.wait_for_everyone()
+        if sharding.is_sharded(model):
+            return sharding.full_state_dict(model)
         return self.accelerator.get_state_dict(model)
 
     def _prune_states(self) -> None:
@@ -225,10 +236,13 @@ class StageRun:
             os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
-    def load_state(self, optimizers: dict[str, Any], schedulers: dict[str, Any]) -> dict:
+    def load_state(self, optimizers: dict[str, Any], schedulers: dict[str, Any],
+                   optimizer_modules: dict[str, Any] | None = None) -> dict:
         """Restore optimizers, schedulers and RNG from the resume point; returns its `extra`."""
         path = self.resume.path
-        for name, optimizer in optimizers.items():
+        if self.sharded:
+            sharding.load_optimizer_shards(optimizers, optimizer_modules, path / SHARDS_DIR)
+        for name, optimizer in optimizers.items() if not self.sharded else ():
             optimizer.load_state_dict(_load_tensors(path / f"optimizer-{name}.pt"))
         for name, scheduler in schedulers.items():
             scheduler.load_state_dict(_load_tensors(path / f"scheduler-{name}.pt"))
@@ -274,7 +288,8 @@ class StageRun:
                 kind, KeyboardInterrupt) else "failed")
 
 
-def _decide(stage, config, digest, registry, parents, data_fingerprint, restart, pipeline_id):
+def _decide(stage, config, digest, registry, parents, data_fingerprint, restart, pipeline_id,
+            processes):
     """New run, resume or reuse. Runs on the main process only; returns [run_id, resume, reused]."""
     previous = None if restart else registry.find_matching(stage, digest, data_fingerprint, parents)
     if previous is not None and previous.status == "completed":
@@ -282,8 +297,9 @@ def _decide(stage, config, digest, registry, parents, data_fingerprint, restart,
               f"--restart trains again)", file=sys.stderr)
         return [previous.id, None, True]
     if previous is not None:
-        clear_debris(registry.run_dir(previous.id))
         resume = newest_intact_state(registry, previous)
+        check_processes(stage, previous, resume, processes)
+        clear_debris(registry.run_dir(previous.id))
         registry.claim(previous.id)
         registry.truncate_metrics(previous.id, resume.step if resume else -1)
         where = f"step {resume.step}" if resume else "the start (no committed state)"
@@ -294,6 +310,17 @@ def _decide(stage, config, digest, registry, parents, data_fingerprint, restart,
                               pipeline_id=pipeline_id)
     print(f"{stage}: new run {run.id}", file=sys.stderr)
     return [run.id, None, False]
+
+
+def check_processes(stage: str, run: Run, resume: ResumePoint | None, processes: int) -> None:
+    """A state resumes only with as many processes as wrote it: the global batch, each process's
+    RNG and (sharded) each optimizer shard belong to that number."""
+    if resume is None or resume.processes in (None, processes):
+        return
+    raise UserError(f"{stage} run {run.id} stopped at state step-{resume.step}, written by "
+                    f"{resume.processes} process(es); this launch has {processes}: launch it with "
+                    f"{resume.processes} (torchrun --nproc_per_node {resume.processes} ...), or "
+                    f"pass --restart to train again from the start")
 
 
 def clear_debris(run_dir: Path) -> None:
@@ -310,8 +337,8 @@ def newest_intact_state(registry: Registry, run: Run) -> ResumePoint | None:
             print(f"state step-{step} of {run.id} is not intact ({problems[0]}); "
                   f"falling back to an older state", file=sys.stderr)
             continue
-        extra = json.loads((path / "trainer_state.json").read_text())["extra"]
-        return ResumePoint(step, path, extra)
+        state = json.loads((path / "trainer_state.json").read_text())
+        return ResumePoint(step, path, state["extra"], state.get("processes"))
     return None
 
 

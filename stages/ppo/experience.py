@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from pipeline.data.packing import left_pad
+from pipeline.sharding import gathered
 from stages.ppo.config import Config
 from stages.ppo.losses import (ended_with_eos, entropy_from_logits, gae, kl_k1, kl_k3,
                                last_valid_index, logprobs_from_logits, masked_whiten,
@@ -115,8 +116,9 @@ def make_experience(models: Models, prompts: list[list[int]], keys: torch.Tensor
     seconds spent generating (`time_generate`) and in those passes (`time_score`).
     """
     started = time.perf_counter()
-    sequences, attention_mask, mask = sample(models.policy, prompts, keys, config, eos_token_id,
-                                             pad_token_id)
+    with gathered(models.policy):  # sharded, processes' answers end at different lengths
+        sequences, attention_mask, mask = sample(models.policy, prompts, keys, config,
+                                                 eos_token_id, pad_token_id)
     timings["time_generate"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -82,7 +82,9 @@ class TokenScorer(SafetensorsModule):
         backbone = getattr(self.classifier, self.classifier.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=positions(attention_mask), use_cache=False).last_hidden_state
-        return self.classifier.score(hidden).squeeze(-1).float()
+        # A new tensor, not a view of the head's output: FSDP2 hooks its module's outputs for the
+        # backward pass, which an in-place change of a view would bypass.
+        return self.classifier.score(hidden).squeeze(-1).to(torch.float32, copy=True)
 
 
 class ValueHead(SafetensorsModule):
@@ -98,7 +100,7 @@ class ValueHead(SafetensorsModule):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden).squeeze(-1).float()
+        return self.linear(hidden).squeeze(-1).to(torch.float32, copy=True)  # not a view (above)
 
 
 @dataclass

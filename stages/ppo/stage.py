@@ -196,14 +196,16 @@ def _train(stage_run, config: Config, inputs: Inputs) -> Run:
                           resume_dir, stage_precision(config).frozen)
     stage_run.say(describe_setup(config, inputs, models))
     stage_run.say(memory_line("ppo", models.named(), [models.policy, models.critic]))
-    stage_run.check_sharding(*(model for model in (models.policy, models.value_model) if model))
     gold_start = start_gold(stage_run, models.policy, tokenizer, inputs.eval_prompts, config)
     ptx_blocks = (pack_blocks(inputs.ptx_texts, tokenizer, config.ptx.seq_len)
                   if inputs.ptx_texts else None)
+    for trained in (models.policy, models.critic):
+        stage_run.shard(trained)  # before the optimizers, which must hold the sharded parameters
     trainer = PPOTrainer(config, stage_run.accelerator, models, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, ptx_blocks=ptx_blocks)
     if resume_dir is not None:
-        trainer.restore(stage_run.load_state(trainer.optimizers, trainer.schedulers), resume_dir)
+        trainer.restore(stage_run.load_state(trainer.optimizers, trainer.schedulers,
+                                             trainer.optimizer_modules), resume_dir)
     samples = SamplesFile(stage_run.run_dir / "samples.jsonl", stage_run.is_main)
     samples.drop_after(stage_run.start_step)
     bar = stage_run.progress(train.max_steps, "ppo")

@@ -1,5 +1,5 @@
 """Unit tests of pipeline.precision: which dtype each model is held in, what a stage's memory line
-says, and the dtypes a CPU refuses; and the FSDP wrap-class check of pipeline.runtime."""
+says, and the dtypes a CPU refuses."""
 
 import pytest
 import torch
@@ -36,17 +36,3 @@ def test_memory_line_counts_each_model_and_adamw_state():
         "ppo memory: policy 262,400 parameters fp32 1.0 MiB; "
         "reference 262,400 parameters bf16 0.5 MiB; AdamW state 2.0 MiB")
 
-
-def test_fsdp_wrap_classes_must_be_in_the_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipeline.runtime import check_wrap_classes
-
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, intermediate_size=32,
-                                         vocab_size=32))
-    check_wrap_classes(model, None)  # unset: accelerate wraps _no_split_modules
-    check_wrap_classes(model, ["LlamaDecoderLayer"])
-    with pytest.raises(UserError, match="names GPT2Block, which LlamaForCausalLM does not contain "
-                                        r"\(its own layer classes: LlamaDecoderLayer\)"):
-        check_wrap_classes(model, ["LlamaDecoderLayer", "GPT2Block"])
