@@ -298,7 +298,7 @@ def _decide(stage, config, digest, registry, parents, data_fingerprint, restart,
         return [previous.id, None, True]
     if previous is not None:
         resume = newest_intact_state(registry, previous)
-        check_processes(stage, previous, resume, processes)
+        check_processes(stage, previous.id, resume, processes)
         clear_debris(registry.run_dir(previous.id))
         registry.claim(previous.id)
         registry.truncate_metrics(previous.id, resume.step if resume else -1)
@@ -312,12 +312,12 @@ def _decide(stage, config, digest, registry, parents, data_fingerprint, restart,
     return [run.id, None, False]
 
 
-def check_processes(stage: str, run: Run, resume: ResumePoint | None, processes: int) -> None:
+def check_processes(stage: str, run_id: str, resume: ResumePoint | None, processes: int) -> None:
     """A state resumes only with as many processes as wrote it: the global batch, each process's
     RNG and (sharded) each optimizer shard belong to that number."""
     if resume is None or resume.processes in (None, processes):
         return
-    raise UserError(f"{stage} run {run.id} stopped at state step-{resume.step}, written by "
+    raise UserError(f"{stage} run {run_id} stopped at state step-{resume.step}, written by "
                     f"{resume.processes} process(es); this launch has {processes}: launch it with "
                     f"{resume.processes} (torchrun --nproc_per_node {resume.processes} ...), or "
                     f"pass --restart to train again from the start")
