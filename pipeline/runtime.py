@@ -213,8 +213,8 @@ class StageRun:
                     torch.save(scheduler.state_dict(), tmp / f"scheduler-{name}.pt")
                 torch.save(rng_states, tmp / "rng.pt")
                 (tmp / "trainer_state.json").write_text(json.dumps(
-                    {"step": step, "processes": self.accelerator.num_processes,
-                     "sharded": self.sharded, "extra": extra}, indent=1, ensure_ascii=False))
+                    {"step": step, "processes": self.accelerator.num_processes, "extra": extra},
+                    indent=1, ensure_ascii=False))
 
             commit_directory(self.run_dir / "state" / f"step-{step}", write)
             self._prune_states()
