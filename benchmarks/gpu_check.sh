@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU figures on one machine with CUDA (about 8 minutes on one H200): installs the project into
-# .venv when missing, then runs every stage's base config briefly and writes OUT_DIR/gpu_check.json.
+# .venv when missing, then runs every stage briefly for the base preset and a 0.5B-class shape,
+# without and with gradient checkpointing, and a sharded smoke run; writes OUT_DIR/gpu_check.json.
 #   bash benchmarks/gpu_check.sh OUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -69,6 +69,9 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="steps between evals; 0 = only at the end")
     eval_batches: int = Field(8, ge=1, description="batches per evaluation")
     log_every: int = Field(1, ge=1, description="steps between logged metrics")
+    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations "
+                                         "in the backward pass: less memory, about a third "
+                                         "more compute")
 
 
 class CheckpointConfig(Section):
@@ -87,6 +90,11 @@ class RuntimeConfig(Section):
     tracker_project: str = Field("rlhf-pipeline", min_length=1, description="the wandb project "
                                  "and MLflow experiment the runs are filed under")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp: parameters, gradients and optimizer state split across the "
+        "processes of a torchrun / accelerate launch (FSDP2); none: each process holds them whole")
+    fsdp_layers: list[str] = Field(default_factory=list, description="classes sharded as one unit "
+                                   "each; empty = the model's own _no_split_modules")
     trust_remote_code: bool = Field(False, description="allow code shipped in model directories")
 
     @model_validator(mode="after")
@@ -113,6 +121,14 @@ def remote_code_warning() -> None:
     """Print the remote-code warning (once per process)."""
     print("warning: runtime.trust_remote_code is true: code shipped in the model directory "
           "will run", file=sys.stderr)
+
+
+class ModelDtypeSection(Section):
+    """Base of every stage's `model` section: the dtype of the weights the stage loads."""
+
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="weights the stage loads and trains: auto = float32 (frozen models "
+        "in the compute dtype of runtime.precision); bf16 or fp16 (GPU only) halve them")
 
 
 class LoraConfig(Section):
@@ -155,6 +171,21 @@ class StageConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _sharding_supports(self) -> "StageConfig":
+        """What sharded training does not cover yet is refused as the config is read."""
+        if self.runtime.sharding != "fsdp":
+            return self
+        lora = getattr(self, "lora", None)
+        if lora is not None and lora.enabled:
+            raise ValueError("runtime.sharding=fsdp does not support LoRA yet; set "
+                             "lora.enabled=false, or runtime.sharding=none")
+        ema = getattr(self, "ema", None)
+        if ema is not None and ema.decay > 0:
+            raise ValueError("runtime.sharding=fsdp does not support the EMA of the policy yet; "
+                             "set ema.decay=0, or runtime.sharding=none")
+        return self
 
 
 def load_config(config_cls: type[BaseModel], path: str | Path | None,

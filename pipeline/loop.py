@@ -16,7 +16,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.models import enable_gradient_checkpointing
+from pipeline.precision import memory_line
 from pipeline.runtime import StageRun
+from pipeline.sharding import prepare
 
 
 def step_indices(n_examples: int, step: int, per_step: int, seed: int) -> np.ndarray:
@@ -80,10 +83,16 @@ def fit(stage_run: StageRun, model, tokenizer, *,
     """
     accelerator = stage_run.accelerator
     train = stage_run.config.train
+    if train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    stage_run.say(memory_line(desc, {"model": model}, [model]))
+    stage_run.shard(model)  # before the optimizer, which must hold the sharded parameters
     optimizer, scheduler = make_optimizer(stage_run, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer)
+    # The module each optimizer trains (`StageRun.save_state`): a sharded state needs it.
+    trains = {"main": model}
     if stage_run.resume:
-        stage_run.load_state({"main": optimizer}, {"main": scheduler})
+        stage_run.load_state({"main": optimizer}, {"main": scheduler}, optimizer_modules=trains)
     model.train()
     bar = stage_run.progress(train.max_steps, desc)
     for step in range(stage_run.start_step, train.max_steps):
@@ -121,7 +130,8 @@ def fit(stage_run: StageRun, model, tokenizer, *,
             stage_run.log(step + 1, evaluate(accelerator.unwrap_model(model), eval_fn))
         if (step + 1) % stage_run.config.checkpoint.every_steps == 0 and step + 1 < train.max_steps:
             stage_run.save_state(step + 1, models={"model": model}, optimizers={"main": optimizer},
-                                 schedulers={"main": scheduler}, extra={}, tokenizer=tokenizer)
+                                 schedulers={"main": scheduler}, extra={}, tokenizer=tokenizer,
+                                 optimizer_modules=trains)
     bar.close()
     final = evaluate(accelerator.unwrap_model(model), eval_fn) if eval_fn else {}
     if final:

@@ -40,10 +40,11 @@ def preset_config(preset: str, tokenizer):
                        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
 
 
-def build_from_preset(preset: str, tokenizer, seed: int):
+def build_from_preset(preset: str, tokenizer, seed: int, dtype: torch.dtype = torch.float32):
+    """A new model of the preset, initialized from `seed` (in float32, then held in `dtype`)."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(preset_config(preset, tokenizer))
+    model = LlamaForCausalLM(preset_config(preset, tokenizer)).to(dtype)
     _set_generation_ids(model, tokenizer)
     return model
 
@@ -65,22 +66,24 @@ def loading_errors(what: str, path: str):
 
 
 def load_causal_lm(resolved: Resolved, *, trust_remote_code: bool = False,
-                   trainable_adapter: bool = True, role: str = "model"):
-    """Load a causal LM (full model or peft adapter directory) for training or sampling; `role`
-    names the setting that gave it, for the guard's messages (a reward model is refused)."""
+                   trainable_adapter: bool = True, role: str = "model",
+                   dtype: torch.dtype = torch.float32):
+    """Load a causal LM (full model or peft adapter directory) for training or sampling, its
+    weights in `dtype`; `role` names the setting that gave it, for the guard's messages (a reward
+    model is refused)."""
     from transformers import AutoModelForCausalLM
     path = require_causal_lm(resolved, role, trust_remote_code)
     warn_remote_code(trust_remote_code)
     adapter = Path(path) / ADAPTER_CONFIG
     with loading_errors("a causal LM", path):
         if adapter.exists():
-            return _load_adapter(path, adapter, trust_remote_code, trainable_adapter, role)
+            return _load_adapter(path, adapter, trust_remote_code, trainable_adapter, role, dtype)
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                    revision=resolved.revision, dtype=torch.float32)
+                                                    revision=resolved.revision, dtype=dtype)
 
 
 def _load_adapter(path: str, adapter_file: Path, trust_remote_code: bool, trainable: bool,
-                  role: str):
+                  role: str, dtype: torch.dtype):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     base_name = adapter_base(adapter_file.parent)
@@ -90,7 +93,7 @@ def _load_adapter(path: str, adapter_file: Path, trust_remote_code: bool, traina
     base_path = require_causal_lm(base_ref, f"{role} (the adapter's base)", trust_remote_code,
                                   adapter=False)
     base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trust_remote_code,
-                                                revision=base_ref.revision, dtype=torch.float32)
+                                                revision=base_ref.revision, dtype=dtype)
     model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
     # Where the base is now (a relative path in the file is relative to the adapter): a resumed
     # adapter saved elsewhere names it from there.
@@ -115,6 +118,28 @@ def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
 def merge_adapter(model):
     """A plain model with the adapter folded into its weights (for export)."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them
+    (`train.gradient_checkpointing`). Non-reentrant checkpointing: it needs no input that requires
+    gradients, so it works with frozen embeddings (LoRA) and keeps FSDP2's hooks outside the
+    recomputed part. transformers checkpoints only modules in train mode."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"train.gradient_checkpointing: {type(model).__name__} does not support "
+                        f"gradient checkpointing; set train.gradient_checkpointing=false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def without_dropout(model):
+    """The model in train mode with every dropout probability 0, so it computes what eval mode
+    does: for models that never drop out but need train mode for gradient checkpointing."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model.train()
 
 
 def warn_remote_code(trust_remote_code: bool) -> None:

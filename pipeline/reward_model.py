@@ -51,8 +51,10 @@ def reward_tokenizer(path: str, trust_remote_code: bool = False, revision: str |
     return tokenizer
 
 
-def build_reward_model(parent: Resolved, tokenizer, seed: int, trust_remote_code: bool = False):
-    """A one-label sequence classifier with the parent causal LM's backbone and a new score head.
+def build_reward_model(parent: Resolved, tokenizer, seed: int, trust_remote_code: bool = False,
+                       dtype: torch.dtype = torch.float32):
+    """A one-label sequence classifier with the parent causal LM's backbone and a new score head,
+    its weights in `dtype`.
 
     The parent may be a full model or a LoRA adapter (merged first). The head is initialized from
     `seed`. Dropout is switched off; the embedding grows to `len(tokenizer)` when needed.
@@ -62,13 +64,13 @@ def build_reward_model(parent: Resolved, tokenizer, seed: int, trust_remote_code
     from pipeline.models import load_causal_lm, merge_adapter
 
     causal_lm = merge_adapter(load_causal_lm(parent, trust_remote_code=trust_remote_code,
-                                             trainable_adapter=False))
+                                             trainable_adapter=False, dtype=dtype))
     config = causal_lm.config
     config.num_labels = 1
     zero_dropout(config)
     torch.manual_seed(seed)
     reward_model = AutoModelForSequenceClassification.from_config(
-        config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        config, trust_remote_code=trust_remote_code, dtype=torch.float32).to(dtype)
     backbone(reward_model).load_state_dict(backbone(causal_lm).state_dict())
     if len(tokenizer) > reward_model.get_input_embeddings().num_embeddings:
         reward_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -90,8 +92,9 @@ def zero_dropout(config) -> None:
 
 
 def load_reward_model(resolved: Resolved, trust_remote_code: bool = False,
-                      role: str = "reward model"):
-    """(model, tokenizer) of a reward checkpoint, in eval mode, scoring normalized values.
+                      role: str = "reward model", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a reward checkpoint, in eval mode, scoring normalized values, its
+    weights in `dtype`.
 
     Accepts a directory this project published (with `reward_model.json`) and any plain one-label
     sequence-classification checkpoint (no shift; it is scored with its own pad token, as it was
@@ -109,7 +112,7 @@ def load_reward_model(resolved: Resolved, trust_remote_code: bool = False,
     with loading_errors("a reward model", path):
         model = AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=trust_remote_code, revision=resolved.revision,
-            dtype=torch.float32)
+            dtype=dtype)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code,
                                revision=resolved.revision)
     if model.config.pad_token_id is None:

@@ -31,6 +31,8 @@ import pipeline
 from pipeline.config import RuntimeConfig, StageConfig, config_hash, leaf_values, to_dict
 from pipeline.console import info, progress
 from pipeline.errors import UserError
+from pipeline import sharding
+from pipeline.precision import Precision, peak_memory_mib
 from pipeline.registry import (Registry, Resolved, Run, commit_directory, directory_problems,
                                list_states)
 from pipeline.trackers import Trackers
@@ -40,16 +42,31 @@ disable_progress_bars()
 transformers_logging.disable_progress_bar()
 
 
-def make_accelerator(cfg: RuntimeConfig) -> Accelerator:
-    """One place builds the Accelerator (device, precision policy)."""
+def runs_on_cpu(cfg: RuntimeConfig) -> bool:
+    return cfg.cpu or not torch.cuda.is_available()
+
+
+def mixed_precision(cfg: RuntimeConfig) -> str:
+    """The accelerator's autocast: "bf16" for `auto` on a bf16-capable GPU, else as configured."""
     precision = cfg.precision
     if precision == "auto":
-        use_bf16 = torch.cuda.is_available() and not cfg.cpu and torch.cuda.is_bf16_supported()
+        use_bf16 = not runs_on_cpu(cfg) and torch.cuda.is_bf16_supported()
         precision = "bf16" if use_bf16 else "fp32"
+    return "no" if precision == "fp32" else precision
+
+
+def stage_precision(config: StageConfig) -> Precision:
+    """The dtypes of a stage's trained and frozen models (`pipeline.precision`)."""
+    return Precision.resolve(config.model.dtype, mixed_precision(config.runtime),
+                             runs_on_cpu(config.runtime))
+
+
+def make_accelerator(cfg: RuntimeConfig) -> Accelerator:
+    """One place builds the Accelerator (device, precision policy)."""
     return Accelerator(
         # cpu=True also makes accelerate see a torchrun launch on a CPU machine (gloo, MULTI_CPU)
-        cpu=cfg.cpu or not torch.cuda.is_available(),
-        mixed_precision="no" if precision == "fp32" else precision,
+        cpu=runs_on_cpu(cfg),
+        mixed_precision=mixed_precision(cfg),
         dynamo_backend="inductor" if cfg.compile else "no",
     )
 
@@ -70,6 +87,10 @@ def _git_revision() -> str:
         return "unknown"
 
 
+# Where a sharded resume state keeps every process's shard of the optimizer state.
+SHARDS_DIR = "optimizer-shards"
+
+
 @dataclass
 class ResumePoint:
     """A committed state to continue from."""
@@ -77,6 +98,7 @@ class ResumePoint:
     step: int
     path: Path
     extra: dict
+    processes: int | None  # how many processes wrote it (None: a state from before it was noted)
 
 
 class StageRun:
@@ -103,7 +125,7 @@ class StageRun:
         decision = [None, None, False]
         if accelerator.is_main_process:
             decision = _decide(stage, config, digest, registry, parents, data_fingerprint,
-                               restart, pipeline_id)
+                               restart, pipeline_id, accelerator.num_processes)
         broadcast_object_list(decision) if accelerator.num_processes > 1 else None
         run_id, resume, reused = decision
         stage_run = cls(registry, registry.get(run_id), accelerator, config, resume, reused)
@@ -121,6 +143,17 @@ class StageRun:
     @property
     def run_dir(self) -> Path:
         return self.registry.run_dir(self.run.id)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether models are sharded over the processes (`runtime.sharding`, `pipeline.sharding`)."""
+        return sharding.active(self.config.runtime.sharding)
+
+    def shard(self, model):
+        """`model` sharded in place when the run is sharded (before its optimizer is built)."""
+        if not self.sharded:
+            return model
+        return sharding.shard(model, self.config.runtime.fsdp_layers, self.accelerator.device)
 
     @property
     def start_step(self) -> int:
@@ -144,13 +177,21 @@ class StageRun:
 
     # -- resume states ------------------------------------------------------------------------
     def save_state(self, step: int, *, models: dict[str, Any], optimizers: dict[str, Any],
-                   schedulers: dict[str, Any], extra: dict, tokenizer=None) -> None:
+                   schedulers: dict[str, Any], extra: dict, tokenizer=None,
+                   optimizer_modules: dict[str, Any] | None = None) -> None:
         """Commit `state/step-N/`: models as HF dirs, optimizer/scheduler/RNG, `extra` (JSON).
 
-        Old states are pruned to `checkpoint.keep_last` only after the new one is committed.
+        Sharded, every process writes its shard of the optimizers' state (`optimizer-shards/`;
+        `optimizer_modules` names the module each optimizer trains) into a staging directory that
+        the main process moves into the state as it commits it, so the state appears whole or not
+        at all. Old states are pruned to `checkpoint.keep_last` only after the new one is
+        committed.
         """
         rng_states = _gather_rng(self.accelerator)
         weights = {name: self.full_state_dict(model) for name, model in models.items()}
+        shards = self.run_dir / "state" / f".tmp-shards-step-{step}"
+        if self.sharded:
+            sharding.save_optimizer_shards(optimizers, optimizer_modules, shards)
         if self.is_main:
             def write(tmp: Path) -> None:
                 for name, model in models.items():
@@ -158,13 +199,17 @@ class StageRun:
                         tmp / name, state_dict=weights[name])
                     if tokenizer is not None:
                         tokenizer.save_pretrained(tmp / name)
-                for name, optimizer in optimizers.items():
-                    torch.save(optimizer.state_dict(), tmp / f"optimizer-{name}.pt")
+                if self.sharded:
+                    os.rename(shards, tmp / SHARDS_DIR)
+                else:
+                    for name, optimizer in optimizers.items():
+                        torch.save(optimizer.state_dict(), tmp / f"optimizer-{name}.pt")
                 for name, scheduler in schedulers.items():
                     torch.save(scheduler.state_dict(), tmp / f"scheduler-{name}.pt")
                 torch.save(rng_states, tmp / "rng.pt")
-                (tmp / "trainer_state.json").write_text(
-                    json.dumps({"step": step, "extra": extra}, indent=1, ensure_ascii=False))
+                (tmp / "trainer_state.json").write_text(json.dumps(
+                    {"step": step, "processes": self.accelerator.num_processes, "extra": extra},
+                    indent=1, ensure_ascii=False))
 
             commit_directory(self.run_dir / "state" / f"step-{step}", write,
                              home=self.registry.home)
@@ -172,8 +217,10 @@ class StageRun:
         self.accelerator.wait_for_everyone()
 
     def full_state_dict(self, model) -> dict:
-        """The whole model's weights on the main process; a collective call under FSDP/ZeRO-3."""
+        """The whole model's weights on the main process; a collective call when sharded."""
         self.accelerator.wait_for_everyone()
+        if sharding.is_sharded(model):
+            return sharding.full_state_dict(model)
         return self.accelerator.get_state_dict(model)
 
     def _prune_states(self) -> None:
@@ -185,10 +232,13 @@ class StageRun:
             os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
-    def load_state(self, optimizers: dict[str, Any], schedulers: dict[str, Any]) -> dict:
+    def load_state(self, optimizers: dict[str, Any], schedulers: dict[str, Any],
+                   optimizer_modules: dict[str, Any] | None = None) -> dict:
         """Restore optimizers, schedulers and RNG from the resume point; returns its `extra`."""
         path = self.resume.path
-        for name, optimizer in optimizers.items():
+        if self.sharded:
+            sharding.load_optimizer_shards(optimizers, optimizer_modules, path / SHARDS_DIR)
+        for name, optimizer in optimizers.items() if not self.sharded else ():
             optimizer.load_state_dict(_load_tensors(path / f"optimizer-{name}.pt"))
         for name, scheduler in schedulers.items():
             scheduler.load_state_dict(_load_tensors(path / f"scheduler-{name}.pt"))
@@ -202,7 +252,11 @@ class StageRun:
 
     # -- finishing ----------------------------------------------------------------------------
     def publish(self, model, tokenizer, summary: dict, extra_writer=None) -> Path | None:
-        """Save the final model as a plain HF directory and mark the run completed."""
+        """Save the final model as a plain HF directory and mark the run completed. The summary
+        gains this process's peak memory (`peak_memory_mib`: GPU allocated, or resident set)."""
+        summary = {**summary, "peak_memory_mib": round(peak_memory_mib(self.accelerator.device), 1)}
+        self.say(f"peak memory: {summary['peak_memory_mib']:,.1f} MiB "
+                 f"({'GPU' if self.accelerator.device.type == 'cuda' else 'resident set'})")
         weights = self.full_state_dict(model)
         final = None
         if self.is_main:
@@ -234,7 +288,8 @@ class StageRun:
             self.trackers.finish()
 
 
-def _decide(stage, config, digest, registry, parents, data_fingerprint, restart, pipeline_id):
+def _decide(stage, config, digest, registry, parents, data_fingerprint, restart, pipeline_id,
+            processes):
     """New run, resume or reuse. Runs on the main process only; returns [run_id, resume, reused]."""
     previous = None if restart else registry.find_matching(stage, digest, data_fingerprint, parents)
     if previous is not None and previous.status == "completed":
@@ -242,8 +297,9 @@ def _decide(stage, config, digest, registry, parents, data_fingerprint, restart,
              f"--restart trains again)")
         return [previous.id, None, True]
     if previous is not None:
-        clear_debris(registry.run_dir(previous.id))
         resume = newest_intact_state(registry, previous)
+        check_processes(stage, previous.id, resume, processes)
+        clear_debris(registry.run_dir(previous.id))
         registry.claim(previous.id)
         registry.truncate_metrics(previous.id, resume.step if resume else -1)
         where = f"step {resume.step}" if resume else "the start (no committed state)"
@@ -254,6 +310,17 @@ def _decide(stage, config, digest, registry, parents, data_fingerprint, restart,
                               pipeline_id=pipeline_id)
     info(f"{stage}: new run {run.id}")
     return [run.id, None, False]
+
+
+def check_processes(stage: str, run_id: str, resume: ResumePoint | None, processes: int) -> None:
+    """A state resumes only with as many processes as wrote it: the global batch, each process's
+    RNG and (sharded) each optimizer shard belong to that number."""
+    if resume is None or resume.processes in (None, processes):
+        return
+    raise UserError(f"{stage} run {run_id} stopped at state step-{resume.step}, written by "
+                    f"{resume.processes} process(es); this launch has {processes}: launch it with "
+                    f"{resume.processes} (torchrun --nproc_per_node {resume.processes} ...), or "
+                    f"pass --restart to train again from the start")
 
 
 def clear_debris(run_dir: Path) -> None:
@@ -270,8 +337,8 @@ def newest_intact_state(registry: Registry, run: Run) -> ResumePoint | None:
             print(f"state step-{step} of {run.id} is not intact ({problems[0]}); "
                   f"falling back to an older state", file=sys.stderr)
             continue
-        extra = json.loads((path / "trainer_state.json").read_text())["extra"]
-        return ResumePoint(step, path, extra)
+        state = json.loads((path / "trainer_state.json").read_text())
+        return ResumePoint(step, path, state["extra"], state.get("processes"))
     return None
 
 

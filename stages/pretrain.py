@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipeline.config import HubDataSection, Section, StageConfig
 from pipeline import console
+from pipeline.config import HubDataSection, ModelDtypeSection, Section, StageConfig
 from pipeline.data.fingerprint import fingerprint_files
 from pipeline.data.formats import read_text_corpus
 from pipeline.data.packing import pack_blocks
@@ -27,12 +27,12 @@ from pipeline.guard import require_causal_lm
 from pipeline.loop import fit, micro_batch_indices
 from pipeline.models import PRESETS, build_from_preset, count_parameters, load_causal_lm
 from pipeline.registry import Registry, Resolved, Run
-from pipeline.runtime import StageRun
+from pipeline.runtime import StageRun, stage_precision
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.world.cache import WorldSection, world_file
 
 
-class ModelSection(Section):
+class ModelSection(ModelDtypeSection):
     preset: Literal["tiny", "small", "base"] = Field("tiny", description="size when training from scratch")
     source: str | None = Field(None, description="continue pretraining this model (ref, dir or hub name)")
 
@@ -66,6 +66,7 @@ def corpus_paths(config: Config, registry: Registry) -> list[str]:
 
 def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
+    stage_precision(config)  # refuses a dtype this device cannot train in, before any write
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)} if config.model.source else {}
     # Load the model to continue before anything is written (the world's files, the run): a bad
@@ -114,7 +115,8 @@ def _load_source(config: Config, resolved: Resolved) -> tuple:
     trust = config.runtime.trust_remote_code
     path = require_causal_lm(resolved, "model.source", trust)
     return (load_tokenizer(path, trust_remote_code=trust, revision=resolved.revision),
-            load_causal_lm(resolved, trust_remote_code=trust, role="model.source"))
+            load_causal_lm(resolved, trust_remote_code=trust, role="model.source",
+                           dtype=stage_precision(config).weights))
 
 
 def _tokenizer_and_model(stage_run, config: Config, texts: list[str], source: tuple | None):
@@ -130,7 +132,8 @@ def _tokenizer_and_model(stage_run, config: Config, texts: list[str], source: tu
     else:
         tokenizer = train_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
     tokenizer.model_max_length = PRESETS[config.model.preset]["max_position_embeddings"]
-    return tokenizer, build_from_preset(config.model.preset, tokenizer, config.seed)
+    return tokenizer, build_from_preset(config.model.preset, tokenizer, config.seed,
+                                        stage_precision(config).weights)
 
 
 def causal_lm_loss(model, batch: dict):

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipeline.config import HeldOutHubDataSection, LoraConfig, Section, StageConfig
+from pipeline.config import (HeldOutHubDataSection, LoraConfig, ModelDtypeSection, Section,
+                             StageConfig)
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_ranked_rows
 from pipeline.data.packing import pack_shared_prompts, right_pad
@@ -50,12 +51,12 @@ from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_mode
                                    choose_shared_prompt, encode_answers, encode_ranked_row,
                                    packed_scores, reward_tokenizer, score_groups,
                                    score_sequences, sequence_scores)
-from pipeline.runtime import StageRun
+from pipeline.runtime import StageRun, stage_precision
 from pipeline.tokenizer import load_tokenizer
 from pipeline.world.cache import WorldSection, train_and_eval_files
 
 
-class ModelSection(Section):
+class ModelSection(ModelDtypeSection):
     source: str = Field("sft:latest", description="the checkpoint to start from: a registry "
                         "reference (run id, STAGE:latest, alias), a local HF directory or a hub name")
 
@@ -126,6 +127,7 @@ class RankedSet:
 
 def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
+    stage_precision(config)  # refuses a dtype this device cannot train in, before any write
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code
@@ -193,11 +195,13 @@ def _reward_model(stage_run, config: Config, tokenizer, parent: Resolved):
 
 
     trust = config.runtime.trust_remote_code
+    dtype = stage_precision(config).weights
     resume_dir = stage_run.state_model_dir()
     if resume_dir is not None and not config.lora.enabled:
         return AutoModelForSequenceClassification.from_pretrained(
-            resume_dir, trust_remote_code=trust, dtype=torch.float32)
-    model = build_reward_model(parent, tokenizer, config.seed, trust_remote_code=trust)
+            resume_dir, trust_remote_code=trust, dtype=dtype)
+    model = build_reward_model(parent, tokenizer, config.seed, trust_remote_code=trust,
+                               dtype=dtype)
     if resume_dir is not None:
         from peft import PeftModel
         return PeftModel.from_pretrained(model, resume_dir, is_trainable=True)

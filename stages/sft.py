@@ -25,8 +25,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import HeldOutHubDataSection, LoraConfig, Section, StageConfig
 from pipeline import console
+from pipeline.config import HeldOutHubDataSection, LoraConfig, ModelDtypeSection, StageConfig
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_sft_rows
 from pipeline.data.packing import pack_examples, pad_labeled
@@ -35,13 +35,13 @@ from pipeline.loop import fit, micro_batch_indices, to_device
 from pipeline.guard import ADAPTER_CONFIG, check_chat_model, require_causal_lm
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.registry import Registry, Resolved, Run
-from pipeline.runtime import StageRun
+from pipeline.runtime import StageRun, stage_precision
 from pipeline.tokenizer import IGNORE_INDEX, encode_chat, load_tokenizer
 from pipeline.world.cache import WorldSection, train_and_eval_files
 from pipeline.world.evaluation import GoldEvalSection, gold_eval, gold_metrics
 
 
-class ModelSection(Section):
+class ModelSection(ModelDtypeSection):
     source: str = Field("pretrain:latest", description="the model to fine-tune: a registry "
                         "reference (run id, STAGE:latest, alias), an HF directory or a hub name")
 
@@ -94,6 +94,7 @@ class EncodedSplit:
 
 def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
+    stage_precision(config)  # refuses a dtype this device cannot train in, before any write
     if parents is None:
         parents = {"model": registry.resolve(config.model.source)}
     trust = config.runtime.trust_remote_code
@@ -169,11 +170,12 @@ def _model_and_gold_before(stage_run, config: Config, tokenizer, prompts: list[s
     """
 
     trust = config.runtime.trust_remote_code
+    dtype = stage_precision(config).weights
     gold_before = logged_gold_before(stage_run)
     start_model = None
     if stage_run.resume is None or (prompts and not gold_before):
         start_model = prepare_model(load_causal_lm(parent, trust_remote_code=trust,
-                                                   trainable_adapter=False),
+                                                   trainable_adapter=False, dtype=dtype),
                                     tokenizer, config.lora, parent)
     if prompts and not gold_before:
         gold = measure_gold(start_model, tokenizer, prompts, config)
@@ -182,7 +184,8 @@ def _model_and_gold_before(stage_run, config: Config, tokenizer, prompts: list[s
         stage_run.log(0, gold_before)
     resume_dir = stage_run.state_model_dir()
     if resume_dir is not None:
-        return load_causal_lm(Resolved(str(resume_dir)), trust_remote_code=trust), gold_before
+        return (load_causal_lm(Resolved(str(resume_dir)), trust_remote_code=trust, dtype=dtype),
+                gold_before)
     return start_model, gold_before
 
 

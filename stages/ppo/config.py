@@ -10,12 +10,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import LoraConfig, Section, StageConfig
+from pipeline.config import LoraConfig, ModelDtypeSection, Section, StageConfig
 from pipeline.world.cache import WorldSection
 from pipeline.world.evaluation import GoldEvalSection
 
 
-class ModelSection(Section):
+class ModelSection(ModelDtypeSection):
     policy: str = Field("sft:latest", description="the policy to train (and the reference): a "
                         "registry reference, a local HF directory or a hub name")
     reward: str = Field("reward:latest", description="the reward model (frozen; it also initializes "

@@ -2,16 +2,20 @@
 
     prompt ids ─► sample (KV cache; temperature, top-k/top-p; stop at EOS; left-padded prompts)
                ─► reward-model score at each answer's EOS (a fixed penalty when it never ends)
-               ─► reference log-probs and values, one forward pass each
+               ─► policy log-probs (and a value head's values), reference log-probs, values,
+                   one forward pass each
                ─► per-token KL penalty + score ─► GAE advantages (whitened) and returns
 
 Shapes: B episodes, P prompt width (left-padded), T response width, L = P + T, V vocabulary,
 H hidden size. Everything after a response's first EOS is masked out of every loss.
 
-The policy's log-probs of the sampled tokens are taken from the logits `generate` already returned
-(scaled by the sampling temperature as sampling was), not from a second forward pass. Every forward
-pass gives position ids from the attention mask, which is how `generate` numbers left-padded
-prompts; a mismatch there, or in the temperature, is what shows up as negative KL.
+The policy's log-probs of the sampled tokens (the "old" log-probs of the PPO ratio) come from a
+full forward pass over the finished sequences, the very computation the update repeats, not from
+the logits `generate` produced with its KV cache: in bf16 the two differ in the last bits, which
+would make the first ratio differ from 1 before any update. With a value head that same pass gives
+the values. Every forward pass gives position ids from the attention mask, which is how `generate`
+numbers left-padded prompts; a mismatch there, or in the temperature, is what shows up as negative
+KL.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from typing import Callable
 import torch
 
 from pipeline.data.packing import left_pad
+from pipeline.sharding import gathered
 from stages.ppo.config import Config
 from stages.ppo.losses import (ended_with_eos, entropy_from_logits, gae, kl_k1, kl_k3,
                                last_valid_index, logprobs_from_logits, masked_whiten,
                                per_token_rewards, response_mask_after_eos)
-from stages.ppo.models import Models, rollout_values
+from stages.ppo.models import Models, critic_values, response_logits
 from stages.ppo.sampling import episode_sampler
 from stages.ppo.threads import side_by_side
 
@@ -75,8 +80,7 @@ def sample(policy, prompts: list[list[int]], keys: torch.Tensor, config: Config,
     """Sample one answer per prompt with the KV cache, each drawn with its episode's key
     (`stages.ppo.sampling`).
 
-    Returns (sequences (B, L), attention_mask (B, L), response_mask (B, T), logits (B, T, V)): the
-    raw logits the sampler drew each token from (before temperature and top-k/top-p).
+    Returns (sequences (B, L), attention_mask (B, L), response_mask (B, T)).
     """
     generation = config.generation
     device = next(policy.parameters()).device
@@ -87,15 +91,14 @@ def sample(policy, prompts: list[list[int]], keys: torch.Tensor, config: Config,
     out = policy.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, logits_processor=sampler,
         max_new_tokens=generation.max_new_tokens, min_new_tokens=generation.min_new_tokens,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
-        output_logits=True, return_dict_in_generate=True)
-    responses = out.sequences[:, prompt_ids.shape[1]:]  # (B, T)
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True)
+    responses = out[:, prompt_ids.shape[1]:]  # (B, T)
     response_mask = response_mask_after_eos(responses, eos_token_id)
     # What generation wrote after a row's EOS is padding, whatever id it used.
     responses = torch.where(response_mask.bool(), responses, pad_token_id)
     sequences = torch.cat([prompt_ids, responses], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    return sequences, attention_mask, response_mask, torch.stack(out.logits, dim=1)
+    return sequences, attention_mask, response_mask
 
 
 @torch.no_grad()
@@ -108,39 +111,48 @@ def make_experience(models: Models, prompts: list[list[int]], keys: torch.Tensor
     keys) and compute advantages and returns.
 
     `sum_over_processes` sums a tensor over every process, so advantages (and rewards, when
-    whitened) are normalized with the statistics of the whole batch. The reference, value and
-    reward passes run on up to `workers` threads (`side_by_side`). `timings` receives the seconds
-    spent generating (`time_generate`) and scoring (`time_score`).
+    whitened) are normalized with the statistics of the whole batch. The policy, reference, value
+    and reward passes run on up to `workers` threads (`side_by_side`). `timings` receives the
+    seconds spent generating (`time_generate`) and in those passes (`time_score`).
     """
     started = time.perf_counter()
-    sequences, attention_mask, mask, logits = sample(models.policy, prompts, keys, config,
-                                                     eos_token_id, pad_token_id)
-    width = mask.shape[1]
-    responses = sequences[:, -width:]
-    temperature = config.generation.temperature
-    logprobs = logprobs_from_logits(logits, responses, temperature)
-    entropy = entropy_from_logits(logits, mask, temperature)
-    del logits
+    with gathered(models.policy):  # sharded, processes' answers end at different lengths
+        sequences, attention_mask, mask = sample(models.policy, prompts, keys, config,
+                                                 eos_token_id, pad_token_id)
     timings["time_generate"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    width = mask.shape[1]
+    responses = sequences[:, -width:]
+    temperature = config.generation.temperature
     # The reward model reads the whole answer at its EOS (or its last token if it never ended).
     eos_positions = sequences.shape[1] - width + last_valid_index(mask)
-    # With LoRA and a value head, the reference pass (adapter disabled) and the value pass go
-    # through the same module, so they must not overlap.
-    shares_policy = models.reference is None and models.value_head is not None
-    ref_logprobs, values, rm_scores = side_by_side(
+
+    def policy_pass():
+        """(old log-probs, entropy, values from the value head or None), as the update computes."""
+        logits, hidden = response_logits(models.policy, sequences, attention_mask, width,
+                                         with_hidden=models.value_head is not None)
+        values = models.value_head(hidden) if models.value_head is not None else None
+        return (logprobs_from_logits(logits, responses, temperature),
+                entropy_from_logits(logits, mask, temperature), values)
+
+    # With LoRA the reference pass (adapter disabled) goes through the policy's module, so the
+    # two must not overlap.
+    (logprobs, entropy, head_values), ref_logprobs, model_values, rm_scores = side_by_side(
+        policy_pass,
         lambda: logprobs_from_logits(models.reference_logits(sequences, attention_mask, width),
                                      responses, temperature),
-        lambda: rollout_values(models, sequences, attention_mask, width),
+        lambda: (None if models.value_model is None else
+                 critic_values(models.value_model, sequences, attention_mask, width)),
         lambda: models.reward_model(sequences, attention_mask)[torch.arange(len(prompts)),
                                                                eos_positions],
-        workers=1 if shares_policy else workers)
+        workers=1 if models.reference is None else workers)
+    values = head_values if head_values is not None else model_values
     ended = ended_with_eos(responses, eos_token_id)
     penalty = config.reward.missing_eos_penalty
     scores = rm_scores if penalty is None else torch.where(ended, rm_scores,
                                                            torch.full_like(rm_scores, penalty))
-    kl = KL_ESTIMATORS[config.kl.estimator](logprobs, ref_logprobs) * mask
+    kl = KL_ESTIMATORS[config.kl.estimator](logprobs, ref_logprobs, mask)
     rewards = per_token_rewards(scores, kl, mask, kl_coef)
     if config.ppo.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False,

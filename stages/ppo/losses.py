@@ -10,6 +10,10 @@ Masks are 0/1 tensors of shape (B, T) whose valid tokens form a prefix of each r
 up to and including its first EOS (see `response_mask_after_eos`). Every row has at least one valid
 token, because a response holds at least one sampled token.
 
+Half precision: at masked positions log-probs are those of padding tokens and can be far apart, so
+a log-ratio is masked *before* it is exponentiated (`masked_log_ratio`): exp of a large log-ratio is
+inf in bf16 or fp16, and multiplying it by a 0 of the mask afterwards gives NaN (and NaN gradients).
+
 Conventions follow InstructGPT (Ouyang et al. 2022) and "The N+ Implementation Details of RLHF with
 PPO" (Huang et al. 2024); where this module differs from the latter, the docstring says so.
 """
@@ -139,22 +143,33 @@ def _global_masked_mean_var(
 # KL and rewards
 
 
-def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k1 KL estimate log π − log π_ref: (B, T), (B, T) -> (B, T).
+def masked_log_ratio(logp: torch.Tensor, other_logp: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """log p − log p_other on valid tokens, exactly 0 on masked ones: (B, T) x3 -> (B, T).
+
+    `torch.where`, not a product with the mask: an inf or NaN at a masked position stays out of
+    both the value and the gradient.
+    """
+    return torch.where(mask.bool(), logp - other_logp, torch.zeros_like(logp))
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 KL estimate log π − log π_ref: (B, T) x3 -> (B, T), 0 where masked.
 
     Unbiased for KL(π ‖ π_ref) on tokens sampled from π, but single tokens can be negative. This is
     the penalty of InstructGPT eq. 2.
     """
-    return logp - ref_logp
+    return masked_log_ratio(logp, ref_logp, mask)
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 KL estimate (r − 1) − log r with r = π_ref / π: (B, T), (B, T) -> (B, T).
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 KL estimate (r − 1) − log r with r = π_ref / π: (B, T) x3 -> (B, T), 0 where
+    masked.
 
     Schulman's estimator: unbiased for KL(π ‖ π_ref) on tokens sampled from π, never negative, and
     lower variance than k1 when the two policies are close.
     """
-    log_ratio = ref_logp - logp
+    log_ratio = masked_log_ratio(ref_logp, logp, mask)
     return torch.expm1(log_ratio) - log_ratio
 
 
@@ -228,12 +243,11 @@ def policy_loss(
       approx_kl — k3 estimate of KL(π_old ‖ π) on the sampled tokens (never negative; the N+ code
         logs k2 = ½(log π − log π_old)², which agrees with it to second order).
     """
-    log_ratio = logp - old_logp  # (B, T)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(masked_log_ratio(logp, old_logp, mask))  # (B, T), 1 where masked
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     loss, clip_fraction = _pessimistic_mean(unclipped, clipped, mask)
-    approx_kl = masked_mean(kl_k3(old_logp, logp), mask).detach()
+    approx_kl = masked_mean(kl_k3(old_logp, logp, mask), mask).detach()
     return loss, {"clip_fraction": clip_fraction, "approx_kl": approx_kl}
 
 

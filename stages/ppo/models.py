@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.models import apply_lora, load_causal_lm
+from pipeline.models import (apply_lora, enable_gradient_checkpointing, load_causal_lm,
+                             without_dropout)
 from pipeline.registry import Resolved
 from stages.ppo.config import Config
 
@@ -81,7 +82,9 @@ class TokenScorer(SafetensorsModule):
         backbone = getattr(self.classifier, self.classifier.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=positions(attention_mask), use_cache=False).last_hidden_state
-        return self.classifier.score(hidden).squeeze(-1).float()
+        # A new tensor, not a view of the head's output: FSDP2 hooks its module's outputs for the
+        # backward pass, which an in-place change of a view would bypass.
+        return self.classifier.score(hidden).squeeze(-1).to(torch.float32, copy=True)
 
 
 class ValueHead(SafetensorsModule):
@@ -97,7 +100,7 @@ class ValueHead(SafetensorsModule):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden).squeeze(-1).float()
+        return self.linear(hidden).squeeze(-1).to(torch.float32, copy=True)  # not a view (above)
 
 
 @dataclass
@@ -119,20 +122,18 @@ class Models:
         """Whichever of the value model and the value head is trained."""
         return self.value_head if self.value_head is not None else self.value_model
 
+    def named(self) -> dict[str, nn.Module]:
+        """The distinct models held in memory, by role (with LoRA the reference is the policy)."""
+        named = {"policy": self.policy, "reference": self.reference,
+                 "reward model": self.reward_model, "value model": self.value_model,
+                 "value head": self.value_head}
+        return {name: model for name, model in named.items() if model is not None}
+
     def reference_logits(self, sequences, attention_mask, response_width) -> torch.Tensor:
         if self.reference is not None:
             return response_logits(self.reference, sequences, attention_mask, response_width)[0]
         with self.policy.disable_adapter():
             return response_logits(self.policy, sequences, attention_mask, response_width)[0]
-
-
-def rollout_values(models: Models, sequences, attention_mask, response_width: int) -> torch.Tensor:
-    """(B, T) values of the states before each response token, from the critic or the value head."""
-    if models.value_head is not None:
-        _, hidden = response_logits(models.policy, sequences, attention_mask, response_width,
-                                    with_hidden=True)
-        return models.value_head(hidden)
-    return critic_values(models.value_model, sequences, attention_mask, response_width)
 
 
 def critic_values(value_model, sequences, attention_mask, response_width: int) -> torch.Tensor:
@@ -171,9 +172,11 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def build_models(config: Config, start_policy: nn.Module, reward_model: nn.Module, tokenizer,
-                 resume_dir: Path | None) -> Models:
+                 resume_dir: Path | None, frozen_dtype: torch.dtype) -> Models:
     """Policy, reference, reward and value models, from the starting policy and the reward model
-    or from a resume state."""
+    or from a resume state. The frozen reference and reward model are held in `frozen_dtype`
+    (the compute dtype: bf16 under bf16 autocast), the trained ones as loaded."""
+    weights_dtype = start_policy.dtype  # what trains; the reference may be cast below
     if len(tokenizer) > start_policy.get_input_embeddings().num_embeddings:
         start_policy.resize_token_embeddings(len(tokenizer))  # a role token the model lacks
     if config.lora.enabled:
@@ -186,16 +189,24 @@ def build_models(config: Config, start_policy: nn.Module, reward_model: nn.Modul
         reference = None
     else:
         reference = frozen(start_policy if resume_dir else copy.deepcopy(start_policy))
+        reference.to(frozen_dtype)
         policy = (load_causal_lm(Resolved(str(resume_dir / "model")),
-                                 trust_remote_code=config.runtime.trust_remote_code)
+                                 trust_remote_code=config.runtime.trust_remote_code,
+                                 dtype=weights_dtype)
                   if resume_dir else start_policy).requires_grad_(True)  # a merged adapter froze it
     value_model = value_head = None
     if config.value.shared_backbone:
-        value_head = ValueHead(policy.config.hidden_size)
+        value_head = ValueHead(policy.config.hidden_size).to(weights_dtype)
     else:  # a trainable copy, made before the reward model is frozen
         value_model = TokenScorer(copy.deepcopy(reward_model).requires_grad_(True))
-    models = Models(policy=policy.eval(), reference=reference,
-                    reward_model=frozen(TokenScorer(reward_model)),
+    policy.eval()
+    if config.train.gradient_checkpointing:
+        value_classifier = [value_model.classifier] if value_model is not None else []
+        for trained in [policy, *value_classifier]:
+            enable_gradient_checkpointing(trained)
+            without_dropout(trained)
+    models = Models(policy=policy, reference=reference,
+                    reward_model=frozen(TokenScorer(reward_model.to(frozen_dtype))),
                     value_model=value_model, value_head=value_head)
     if resume_dir is not None:
         models.critic.load_pretrained(resume_dir / "value")

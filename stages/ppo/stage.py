@@ -22,7 +22,9 @@ Published: the policy as a plain HF directory (a LoRA adapter merged into it). W
 the published weights are the EMA of the policy, not the last iterate. The value model lives in the
 resume states only.
 
-Every model stays in eval mode, training included: dropout is off throughout.
+Every model stays in eval mode, training included: dropout is off throughout. (With
+`train.gradient_checkpointing` the trained models are in train mode, which transformers needs to
+checkpoint, with every dropout probability set to 0, which computes the same.)
 
 Resume: the prompts of step N are a seeded permutation indexed by (seed, N) and the RNG is seeded
 from (seed, N, process) before each rollout, so a resumed run samples the very answers an
@@ -48,9 +50,10 @@ from pipeline.errors import UserError
 from pipeline.loop import step_indices
 from pipeline.guard import check_chat_model, check_eos, require_causal_lm
 from pipeline.models import count_parameters, load_causal_lm, merge_adapter
+from pipeline.precision import memory_line
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.reward_model import load_reward_model
-from pipeline.runtime import StageRun
+from pipeline.runtime import StageRun, stage_precision
 from pipeline.tokenizer import encode_prompt, load_tokenizer
 from pipeline.world.cache import world_file
 from stages.ppo.config import Config, DataSection
@@ -76,6 +79,7 @@ class Inputs:
 
 def run(config: Config, registry: Registry, *, restart: bool = False,
         pipeline_id: str | None = None, parents: dict[str, Resolved] | None = None) -> Run:
+    stage_precision(config)  # refuses a dtype this device cannot train in, before any write
     if parents is None:
         parents = {"policy": registry.resolve(config.model.policy),
                    "reward": registry.resolve(config.model.reward)}
@@ -92,15 +96,18 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
 def load_inputs(config: Config, registry: Registry, parents: dict[str, Resolved]) -> Inputs:
     """Load the starting policy, the reward model and the data, and check that they fit together."""
     trust = config.runtime.trust_remote_code
+    # Both load in the trained dtype: the value model is a trainable copy of the reward model.
+    dtype = stage_precision(config).weights
     policy_path = require_causal_lm(parents["policy"], "model.policy", trust)
     tokenizer = load_tokenizer(policy_path, trust_remote_code=trust,
                                revision=parents["policy"].revision)
     check_chat_model(policy_path, tokenizer, "model.policy")  # prompt lengths: check_lengths
     start_policy = merge_adapter(load_causal_lm(parents["policy"], trust_remote_code=trust,
-                                                trainable_adapter=False, role="model.policy"))
+                                                trainable_adapter=False, role="model.policy",
+                                                dtype=dtype))
     check_eos(tokenizer, start_policy, policy_path)
     reward_model, reward_tokenizer = load_reward_model(parents["reward"], trust_remote_code=trust,
-                                                       role="model.reward")
+                                                       role="model.reward", dtype=dtype)
     check_shared_vocabulary(tokenizer, reward_tokenizer, parents["reward"].path)
     check_lengths(config, start_policy, reward_model)
 
@@ -188,15 +195,19 @@ def _train(stage_run, config: Config, inputs: Inputs) -> Run:
     train = config.train
     tokenizer = inputs.tokenizer
     models = build_models(config, inputs.start_policy, inputs.reward_model, tokenizer,
-                          resume_dir)
+                          resume_dir, stage_precision(config).frozen)
     stage_run.say(describe_setup(config, inputs, models))
+    stage_run.say(memory_line("ppo", models.named(), [models.policy, models.critic]))
     gold_start = start_gold(stage_run, models.policy, tokenizer, inputs.eval_prompts, config)
     ptx_blocks = (pack_blocks(inputs.ptx_texts, tokenizer, config.ptx.seq_len)
                   if inputs.ptx_texts else None)
+    for trained in (models.policy, models.critic):
+        stage_run.shard(trained)  # before the optimizers, which must hold the sharded parameters
     trainer = PPOTrainer(config, stage_run.accelerator, models, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, ptx_blocks=ptx_blocks)
     if resume_dir is not None:
-        trainer.restore(stage_run.load_state(trainer.optimizers, trainer.schedulers), resume_dir)
+        trainer.restore(stage_run.load_state(trainer.optimizers, trainer.schedulers,
+                                             trainer.optimizer_modules), resume_dir)
     samples = SamplesFile(stage_run.run_dir / "samples.jsonl", stage_run.is_main)
     samples.drop_after(stage_run.start_step)
     bar = stage_run.progress(train.max_steps, "ppo")

@@ -16,8 +16,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.loop import step_indices, warmup_cosine
+from pipeline.sharding import is_sharded, prepare
 from stages.ppo.config import Config
 from stages.ppo.experience import Experience, make_experience
 from stages.ppo.losses import (AdaptiveKLController, FixedKLController, KLController,
@@ -78,17 +80,26 @@ class PPOTrainer:
         self.ptx_blocks = ptx_blocks
         self.kl_controller = make_kl_controller(config)
         optimizers, self.schedulers = build_optimizers(config, models, accelerator.device)
-        # Distributed wrappers for the update; rollouts use the plain modules in `models`.
-        self.policy, self.critic, *prepared = accelerator.prepare(models.policy, models.critic,
-                                                                 *optimizers.values())
+        # Distributed wrappers for the update (DDP; a sharded model is its own); rollouts use the
+        # modules in `models`.
+        self.policy, self.critic, *prepared = prepare(accelerator, models.policy, models.critic,
+                                                      *optimizers.values())
         self.optimizers = dict(zip(optimizers, prepared))
+        # The module each optimizer trains, which a sharded resume state needs.
+        self.optimizer_modules = (
+            {"policy": nn.ModuleList([models.policy, models.value_head])}
+            if models.value_head is not None else
+            {"policy": models.policy, "value": models.value_model})
         for frozen_model in (models.reference, models.reward_model):
             if frozen_model is not None:
                 frozen_model.to(accelerator.device)
         self.ema = PolicyEMA(models.policy, config.ema.decay) if config.ema.decay > 0 else None
         # Threads for passes side by side (each with one intra-op thread); 1 = the usual way.
+        # Not with sharded models: their passes make collective calls, which threads could issue
+        # in a different order on each process.
         on_cpu = accelerator.device.type == "cpu"
-        self.workers = torch.get_num_threads() if config.ppo.side_by_side and on_cpu else 1
+        side_by_side_ok = config.ppo.side_by_side and on_cpu and not is_sharded(models.policy)
+        self.workers = torch.get_num_threads() if side_by_side_ok else 1
 
     def state(self) -> dict:
         """The keyword arguments of `StageRun.save_state` (which adds the RNG)."""
@@ -96,6 +107,7 @@ class PPOTrainer:
         if self.ema is not None:
             models["ema"] = self.ema
         return {"models": models, "optimizers": self.optimizers, "schedulers": self.schedulers,
+                "optimizer_modules": self.optimizer_modules,
                 "extra": {"kl_controller": self.kl_controller.state_dict()}}
 
     def restore(self, extra: dict, resume_dir: Path) -> None:

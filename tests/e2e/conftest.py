@@ -39,10 +39,20 @@ def run_json(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def kill_when(home: Path, args: tuple[str, ...], ready, timeout: float = 600) -> None:
-    """Start `rlhf args`, SIGKILL it as soon as `ready()` is true (polled), and wait for it."""
-    process = subprocess.Popen(rlhf_command(home, *args), cwd=ROOT, env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def torchrun_command(home: Path, *args: str, processes: int = 2) -> list[str]:
+    """`rlhf args` under torchrun with `processes` CPU processes (gloo). A --standalone rendezvous
+    on a free port: tests running side by side never share one."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(processes), "-m", "pipeline.commands.cli", "--home", str(home), *args]
+
+
+def kill_when(home: Path, args: tuple[str, ...], ready, timeout: float = 600,
+              command=rlhf_command) -> None:
+    """Start `command(home, *args)`, SIGKILL it and every process it started (its own session)
+    as soon as `ready()` is true (polled), and wait for it."""
+    process = subprocess.Popen(command(home, *args), cwd=ROOT, env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.time() + timeout
     try:
         while not ready():
@@ -51,7 +61,7 @@ def kill_when(home: Path, args: tuple[str, ...], ready, timeout: float = 600) ->
             if time.time() > deadline:
                 raise AssertionError("the kill point was never reached")
             time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait()
         process.stderr.close()
@@ -68,6 +78,12 @@ def model_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
         weights.update(load_file(shard))
     assert weights, f"no safetensors in {model_dir}"
     return weights
+
+
+def results(summary: dict) -> dict:
+    """A run summary without what is measured rather than computed (peak memory), which differs
+    between two runs that compute the same."""
+    return {name: value for name, value in summary.items() if name != "peak_memory_mib"}
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

@@ -1,6 +1,6 @@
-"""Several processes: each stage under `torchrun --nproc_per_node 2` (CPU, gloo) matches the
-one-process run with the same global batch, writes the registry only from the main process, and
-publishes one checkpoint. PPO's rollouts are split across the processes (each samples its share,
+"""Several processes: each stage under `torchrun --nproc_per_node 2` (CPU, gloo), with whole models
+(DDP) and sharded ones (`runtime.sharding=fsdp`, FSDP2), matches the one-process run with the same
+global batch, writes the registry only from the main process, and publishes one checkpoint. PPO's rollouts are split across the processes (each samples its share,
 keyed by the episode, so both runs draw the same answers) and whitened over all of them."""
 
 from __future__ import annotations
@@ -8,12 +8,11 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli_env, rlhf, run_json
+from conftest import ROOT, cli_env, rlhf, run_json, torchrun_command
 
 pytestmark = pytest.mark.e2e
 
@@ -21,11 +20,9 @@ SFT_FIXTURES = ROOT / "tests" / "fixtures" / "sft"
 
 
 def torchrun(home: Path, *args: str) -> subprocess.CompletedProcess:
-    # --standalone rendezvous on a free port: tests running side by side never share one.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", "-m", "pipeline.commands.cli", "--home", str(home), *args]
     env = dict(cli_env(), OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(torchrun_command(home, *args), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -39,13 +36,16 @@ def latest_series(home: Path, stage: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def assert_two_processes_match_one(base: Path | None, tmp_path: Path, stage: str, args: tuple,
-                                   per_process_batch: int, metrics: tuple[str, ...]) -> None:
-    """Run `args` with 2 processes × batch and 1 process × 2·batch (each in a copy of `base`)."""
+                                   per_process_batch: int, metrics: tuple[str, ...],
+                                   sharding: str) -> None:
+    """Run `args` with 2 processes × batch (`runtime.sharding=sharding`) and 1 process × 2·batch
+    (each in a copy of `base`)."""
     homes = {name: tmp_path / name for name in ("two", "one")}
     for home in homes.values():
         if base is not None:
             shutil.copytree(base, home)
-    torchrun(homes["two"], *args, f"train.batch_size={per_process_batch}")
+    torchrun(homes["two"], *args, f"train.batch_size={per_process_batch}",
+             f"runtime.sharding={sharding}")
     run_json(rlhf(homes["one"], *args, f"train.batch_size={2 * per_process_batch}"))
 
     two, one = latest_series(homes["two"], stage), latest_series(homes["one"], stage)
@@ -62,14 +62,20 @@ def assert_two_processes_match_one(base: Path | None, tmp_path: Path, stage: str
     assert len(list(homes["two"].glob(f"runs/{stage}-*/model/manifest.json"))) == before + 1
 
 
-def test_pretrain_two_processes_match_one(tmp_path, corpus_file):
+SHARDING = pytest.mark.parametrize("sharding", ["none", "fsdp"])
+
+
+@SHARDING
+def test_pretrain_two_processes_match_one(sharding, tmp_path, corpus_file):
     args = ("run", "pretrain", "--config", "configs/tiny/pretrain.yaml",
             f"data.sources=[{corpus_file}]", "train.max_steps=5", "checkpoint.every_steps=2",
             "tokenizer.vocab_size=400")
-    assert_two_processes_match_one(None, tmp_path, "pretrain", args, 4, ("loss", "eval_loss"))
+    assert_two_processes_match_one(None, tmp_path, "pretrain", args, 4, ("loss", "eval_loss"),
+                                   sharding)
 
 
-def test_sft_two_processes_match_one(tmp_path, mechanics_home):
+@SHARDING
+def test_sft_two_processes_match_one(sharding, tmp_path, mechanics_home):
     # Conversations of different lengths: the loss is the mean over all answer tokens of the
     # global batch, not a mean of the two processes' means.
     conversations = SFT_FIXTURES / "conversations.jsonl"
@@ -78,18 +84,20 @@ def test_sft_two_processes_match_one(tmp_path, mechanics_home):
             f"eval.prompts_file={SFT_FIXTURES / 'prompts.jsonl'}", "eval.n_prompts=2",
             "eval.max_new_tokens=4", "data.max_length=64", "train.max_steps=4",
             "train.warmup_steps=1", "train.eval_batches=1", "checkpoint.every_steps=2")
-    assert_two_processes_match_one(mechanics_home, tmp_path, "sft", args, 2, ("loss",))
+    assert_two_processes_match_one(mechanics_home, tmp_path, "sft", args, 2, ("loss",), sharding)
 
 
-def test_reward_two_processes_match_one(tmp_path, mechanics_home):
+@SHARDING
+def test_reward_two_processes_match_one(sharding, tmp_path, mechanics_home):
     args = ("run", "reward", "--config", "configs/tiny/reward.yaml",
             "model.source=pretrain:latest", "train.max_steps=4", "train.warmup_steps=1",
             "checkpoint.every_steps=2", "normalize.prompts=4", "normalize.max_new_tokens=8")
     assert_two_processes_match_one(mechanics_home, tmp_path, "reward", args, 2,
-                                   ("loss", "eval_pairwise_accuracy"))
+                                   ("loss", "eval_pairwise_accuracy"), sharding)
 
 
-def test_ppo_two_processes_match_one(tmp_path, mechanics_home):
+@SHARDING
+def test_ppo_two_processes_match_one(sharding, tmp_path, mechanics_home):
     # Answers of one length (EOS blocked until the limit): each process's mean over its tokens is
     # then the global mean, so the two runs' gradients agree.
     args = ("run", "ppo", "--config", "configs/tiny/ppo.yaml", "model.policy=pretrain:latest",
@@ -99,4 +107,4 @@ def test_ppo_two_processes_match_one(tmp_path, mechanics_home):
             "eval.n_prompts=2", "eval.max_new_tokens=4", "samples.every_steps=0",
             "data.max_prompt_tokens=24")
     assert_two_processes_match_one(mechanics_home, tmp_path, "ppo", args, 2,
-                                   ("rm_score_mean", "kl", "policy_loss", "value_loss"))
+                                   ("rm_score_mean", "kl", "policy_loss", "value_loss"), sharding)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (assert_same_weights, committed_state, kill_when, model_weights, rlhf,
-                      run_json)
+from conftest import (assert_same_weights, committed_state, kill_when, model_weights, results,
+                      rlhf, run_json)
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +58,7 @@ def run_record(home: Path) -> dict:
     metrics = {name: series for name, series in registry.metrics(run.id).items()
                if name not in timing}
     samples = (registry.run_dir(run.id) / "samples.jsonl").read_text(encoding="utf-8")
-    return {"summary": run.summary, "metrics": metrics, "samples": samples}
+    return {"summary": results(run.summary), "metrics": metrics, "samples": samples}
 
 
 @pytest.mark.parametrize("options", [(), EVERY_OPTION], ids=["plain", "every-option"])

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (ROOT, assert_same_weights, committed_state, kill_when, model_weights, rlhf,
-                      run_json)
+from conftest import (ROOT, assert_same_weights, committed_state, kill_when, model_weights,
+                      results, rlhf, run_json)
 
 pytestmark = pytest.mark.e2e
 
@@ -123,7 +123,8 @@ def test_kill_and_rerun_gives_the_same_weights(tmp_path, data, trained):
     assert result["status"] == "completed"
     assert_same_weights(model_weights(trained["reward"]["model_path"]),
                         model_weights(result["model_path"]))
-    assert summary_of(home, "reward:latest") == summary_of(trained["home"], "reward:latest")
+    assert results(summary_of(home, "reward:latest")) == \
+        results(summary_of(trained["home"], "reward:latest"))
     assert "reusing completed run" in rlhf(home, *args).stderr
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (assert_same_weights, committed_state, kill_when, model_weights, rlhf,
-                      run_json)
+from conftest import (assert_same_weights, committed_state, kill_when, model_weights, results,
+                      rlhf, run_json)
 from pipeline.commands.cli import main
 from pipeline.data.formats import load_sft_rows
 from pipeline.registry import Registry, adapter_base
@@ -96,7 +96,7 @@ def test_sft_moves_every_parameter_records_lineage_and_resumes_exactly(tmp_path,
 
     assert resumed["status"] == "completed"
     assert_same_weights(trained, model_weights(resumed["model_path"]))
-    assert Registry(homes[1]).get(resumed["run"]).summary == summary
+    assert results(Registry(homes[1]).get(resumed["run"]).summary) == results(summary)
 
     # gold-score of an SFT run repeats the stage's own gold eval (its prompts, count and answer
     # length), so the numbers agree; a model without a gold eval gets the world's eval prompts.

@@ -31,3 +31,14 @@ def test_tiny_pretrain_runs_on_the_gpu(tmp_path):
     assert run.status == "completed"
     model = AutoModelForCausalLM.from_pretrained(run.model_path)
     assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not torch.cuda.is_bf16_supported(),
+                    reason="needs a bf16-capable GPU")
+def test_auto_dtypes_train_fp32_and_hold_frozen_models_in_bf16():
+    from pipeline.config import RuntimeConfig
+    from pipeline.precision import Precision
+    from pipeline.runtime import mixed_precision
+
+    precision = Precision.resolve("auto", mixed_precision(RuntimeConfig()), on_cpu=False)
+    assert (precision.weights, precision.frozen) == (torch.float32, torch.bfloat16)

@@ -16,6 +16,7 @@ from stages.ppo.losses import (
     kl_k3,
     last_valid_index,
     logprobs_from_logits,
+    masked_log_ratio,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -97,11 +98,20 @@ def test_masked_whiten():
 def test_kl_estimators():
     # Token 0: π = ½, π_ref = ¼ -> k1 = ln 2; r = π_ref/π = ½ -> k3 = (½ − 1) − ln ½ = ln 2 − ½.
     # Token 1: π = ¼, π_ref = ½ -> k1 = −ln 2; r = 2 -> k3 = 1 − ln 2.
-    # Token 2: equal -> both 0.
-    logp = t([[math.log(0.5), math.log(0.25), math.log(0.3)]])
-    ref_logp = t([[math.log(0.25), math.log(0.5), math.log(0.3)]])
-    assert kl_k1(logp, ref_logp).tolist() == [pytest.approx([LN2, -LN2, 0.0])]
-    assert kl_k3(logp, ref_logp).tolist() == [pytest.approx([LN2 - 0.5, 1 - LN2, 0.0])]
+    # Token 2: equal -> both 0. Token 3 is masked: 0, however far apart the two log-probs are.
+    logp = t([[math.log(0.5), math.log(0.25), math.log(0.3), 0.0]])
+    ref_logp = t([[math.log(0.25), math.log(0.5), math.log(0.3), -1e4]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert kl_k1(logp, ref_logp, mask).tolist() == [pytest.approx([LN2, -LN2, 0.0, 0.0])]
+    assert kl_k3(logp, ref_logp, mask).tolist() == [pytest.approx([LN2 - 0.5, 1 - LN2, 0.0, 0.0])]
+
+
+def test_masked_log_ratio_is_zero_where_masked_even_for_infinite_log_probs():
+    # Valid: 0.5 − 0.25 = 0.25 and −1 − (−3) = 2; masked: an inf and a NaN become exactly 0.
+    logp = t([[0.5, -1.0, math.inf, math.nan]])
+    old_logp = t([[0.25, -3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0, 0]])
+    assert masked_log_ratio(logp, old_logp, mask).tolist() == [[0.25, 2.0, 0.0, 0.0]]
 
 
 def test_per_token_rewards():
@@ -183,6 +193,25 @@ def test_policy_loss_clipping():
     # d loss / d logp = −A·ratio / 4 where unclipped: token 1 −0.125, token 3 2·1.1/4 = 0.55.
     loss.backward()
     assert logp.grad.tolist() == [pytest.approx([0.0, -0.125, 0.0, 0.55, 0.0])]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_policy_loss_ignores_padding_log_probs_in_half_precision(dtype):
+    # Token 0: ratio e^0 = 1, A = 2 -> −2 (inside the clip range). Token 1: ln 1.5, A = 1 -> −1.2
+    # (clipped). Tokens 2-3 are padding whose log-ratio is 100 (e^100 is inf in these dtypes) and
+    # −inf: masked before exp, they add nothing. loss = (−2 − 1.2) / 2 = −1.6, clip fraction ½,
+    # approx_kl = (0 + (0.5 − ln 1.5)) / 2. Gradient d loss / d logp = −A·ratio / 2 on token 0 only.
+    logp = torch.tensor([[0.0, math.log(1.5), 100.0, -math.inf]], dtype=dtype, requires_grad=True)
+    old_logp = torch.zeros(1, 4, dtype=dtype)
+    advantages = torch.tensor([[2.0, 1.0, 0.0, 0.0]], dtype=dtype)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    loss, stats = policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2)
+    tolerance = 1e-2 if dtype != torch.float32 else 1e-6
+    assert loss.item() == pytest.approx(-1.6, rel=tolerance)
+    assert stats["clip_fraction"].item() == 0.5
+    assert stats["approx_kl"].item() == pytest.approx((0.5 - math.log(1.5)) / 2, rel=5e-2)
+    loss.backward()
+    assert logp.grad.float().tolist() == [[-1.0, 0.0, 0.0, 0.0]]
 
 
 def test_value_loss_clipping():

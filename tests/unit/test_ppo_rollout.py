@@ -12,9 +12,10 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from stages.ppo.losses import logprobs_from_logits, masked_mean
+from pipeline.data.packing import left_pad
+from stages.ppo.losses import logprobs_from_logits, masked_mean, response_mask_after_eos
 from stages.ppo.config import Config
-from stages.ppo.experience import make_experience, sample
+from stages.ppo.experience import make_experience
 from stages.ppo.models import Models, PolicyEMA, TokenScorer, ValueHead, positions, response_logits
 from stages.ppo.sampling import episode_keys
 from stages.ppo.threads import side_by_side
@@ -82,12 +83,18 @@ def gpt2_lm(seed: int):
 @pytest.mark.parametrize("make_policy", [causal_lm, gpt2_lm], ids=["llama", "gpt2"])
 def test_recomputed_logprobs_match_sampling_with_left_padding(make_policy):
     policy = make_policy(0)
-    torch.manual_seed(0)
-    sequences, attention_mask, mask, logits = sample(policy, PROMPTS, episode_keys(0, 0, range(len(PROMPTS))), ppo_config(), EOS, PAD)
-    width = mask.shape[1]
-    responses = sequences[:, -width:]
+    prompt_ids, prompt_mask = left_pad(PROMPTS, PAD)
+    with torch.no_grad():
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
+                              max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD,
+                              output_logits=True, return_dict_in_generate=True)
+    width = len(out.logits)
+    responses = out.sequences[:, -width:]
+    mask = response_mask_after_eos(responses, EOS)
+    sequences = out.sequences
+    attention_mask = torch.cat([prompt_mask, mask], dim=1)
     valid = mask.bool()
-    sampled = logprobs_from_logits(logits, responses, 0.7)[valid]
+    sampled = logprobs_from_logits(torch.stack(out.logits, dim=1), responses, 0.7)[valid]
     with torch.no_grad():
         recomputed = response_logits(policy, sequences, attention_mask, width)[0]
     assert torch.allclose(logprobs_from_logits(recomputed, responses, 0.7)[valid], sampled,
@@ -222,3 +229,22 @@ def test_policy_ema_update_and_copy():
     ema.update(policy)  # 0.75 · [1, 2] + 0.25 · [5, 6] = [2, 3]
     ema.copy_to(policy)
     assert policy.weight.tolist() == [[2.0, 3.0]]
+
+
+@pytest.mark.parametrize("shared_backbone", [False, True])
+def test_first_ratio_is_exactly_one_in_bf16(shared_backbone):
+    # bf16 weights on a CPU: the old log-probs come from the same full forward pass the update
+    # runs, so before the first optimizer step every ratio is exactly 1 (approx KL 0, nothing
+    # clipped). Log-probs from generate's KV-cache logits differ from it in the last bits.
+    config = ppo_config(value={"shared_backbone": shared_backbone},
+                        ppo={"epochs": 1, "minibatches": 1}, generation={"max_new_tokens": 12})
+    models = tiny_models(shared_backbone)
+    for model in (models.policy, models.reference, models.reward_model, models.critic):
+        model.to(torch.bfloat16)
+    trainer = PPOTrainer(config, Accelerator(cpu=True), models, eos_token_id=EOS, pad_token_id=PAD)
+    metrics, experience = trainer.step(0, PROMPTS, range(len(PROMPTS)))
+    assert experience.response_mask.sum() > len(PROMPTS), "answers should be longer than EOS"
+    assert metrics["approx_kl"] == 0.0
+    assert metrics["clip_fraction"] == 0.0
+    assert all(math.isfinite(value) for name, value in metrics.items()
+               if name != "explained_variance")

@@ -43,10 +43,10 @@ def test_an_episode_draws_the_same_answer_in_any_batch():
     policy = causal_lm(0)
     config = ppo_config(generation={"max_new_tokens": 10})
     keys = episode_keys(5, 2, range(len(PROMPTS)))
-    sequences, _, mask, _ = sample(policy, PROMPTS, keys, config, EOS, PAD)
+    sequences, _, mask = sample(policy, PROMPTS, keys, config, EOS, PAD)
     width = mask.shape[1]
     for row, prompt in enumerate(PROMPTS):  # alone: no padding, no neighbours
-        alone, _, alone_mask, _ = sample(policy, [prompt], keys[row:row + 1], config, EOS, PAD)
+        alone, _, alone_mask = sample(policy, [prompt], keys[row:row + 1], config, EOS, PAD)
         answer = alone[0, -alone_mask.shape[1]:][alone_mask[0].bool()]
         assert torch.equal(answer, sequences[row, -width:][mask[row].bool()]), row
     other_keys = episode_keys(6, 2, range(len(PROMPTS)))
