@@ -22,6 +22,7 @@ from pipeline.tokenizer import encode_prompt, load_tokenizer
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 64
+    min_new_tokens: int = 0    # EOS is blocked before this many tokens
     temperature: float = 0.7   # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
@@ -35,10 +36,23 @@ class SamplingConfig:
                    top_k=options.top_k, batch_size=32)
 
 
-@torch.no_grad()
+@dataclass
+class Answer:
+    text: str     # decoded without special tokens, stripped
+    ended: bool   # the model emitted EOS within max_new_tokens
+
+
 def sample(model, tokenizer, prompts: list, sampling: SamplingConfig | None = None,
            seed: int | None = 0, max_prompt_tokens: int = 192) -> list[str]:
     """One answer per prompt (a string or a chat-message list), decoded without special tokens."""
+    return [answer.text for answer in
+            sample_answers(model, tokenizer, prompts, sampling, seed, max_prompt_tokens)]
+
+
+@torch.no_grad()
+def sample_answers(model, tokenizer, prompts: list, sampling: SamplingConfig | None = None,
+                   seed: int | None = 0, max_prompt_tokens: int = 192) -> list[Answer]:
+    """One answer per prompt, with whether it ended (EOS) before the length limit."""
     sampling = sampling or SamplingConfig()
     if seed is not None:
         torch.manual_seed(seed)
@@ -54,7 +68,9 @@ def sample(model, tokenizer, prompts: list, sampling: SamplingConfig | None = No
                                 attention_mask=attention_mask.to(device),
                                 **generate_kwargs(tokenizer, sampling))
         new_tokens = output[:, input_ids.shape[1]:]
-        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+        ended = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
+        answers += [Answer(tokenizer.decode(row, skip_special_tokens=True).strip(), row_ended)
+                    for row, row_ended in zip(new_tokens, ended)]
     model.train(was_training)
     return answers
 
@@ -64,6 +80,8 @@ def generate_kwargs(tokenizer, sampling: SamplingConfig) -> dict:
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                   use_cache=True)
+    if sampling.min_new_tokens:
+        kwargs["min_new_tokens"] = sampling.min_new_tokens
     if not greedy:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or None,
                       top_p=sampling.top_p)
