@@ -305,6 +305,8 @@ def _add_data(commands) -> None:
     collect.add_argument("--k", type=int, default=4, help="answers sampled per prompt (2 or more)")
     collect.add_argument("--config", help="PPO YAML whose generation settings sample the answers "
                          "(default: the PPO stage's defaults)")
+    collect.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="PPO config overrides, e.g. generation.temperature=1.0")
     collect.add_argument("--labeler", default="gold", help="gold (the world's simulated labeler) "
                          "or people (left unranked for `rlhf label`)")
     collect.add_argument("--labeler-temperature", type=number_option(float, low=0), default=0.0,

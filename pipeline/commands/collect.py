@@ -2,10 +2,11 @@
 
     rlhf data collect sft:latest --config configs/tiny/ppo.yaml --out policy.jsonl \\
         [--k 4] [--prompts world|FILE] [--n 1000] [--labeler gold|people] [--labeler-temperature 0]
+        [generation.temperature=1.0 ...]
     rlhf run reward data.train_files=[policy.jsonl]
 
 Answers are sampled as the PPO stage of `--config` samples them (its `generation` section and
-`data.max_prompt_tokens`; without --config, the PPO stage's defaults). `--prompts world` takes the
+`data.max_prompt_tokens`; without --config, the PPO stage's defaults; key=value overrides it). `--prompts world` takes the
 prompts of the embedded world's reward_train.jsonl (the world of the config's `data.world`). The
 `gold` labeler ranks them by the world's gold scorer; `people` leaves them for `rlhf label`.
 Nothing is registered: the command writes OUT and OUT.provenance (`pipeline.data.collect`).
@@ -33,7 +34,7 @@ WORLD = "world"
 def cmd_collect(args) -> int:
     out = checked_out_path(args.out, "--out")
     labeler = make_labeler(args.labeler, args.labeler_temperature, args.seed)
-    ppo = load_config(PPOConfig, args.config, [])
+    ppo = load_config(PPOConfig, args.config, args.overrides)
     registry = Registry(args.home) if args.prompts == WORLD else open_registry(args.home)
     prompts_file = (world_file(registry, ppo.data.world, "reward_train.jsonl")
                     if args.prompts == WORLD else input_file(args.prompts, "--prompts"))

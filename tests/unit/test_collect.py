@@ -185,3 +185,16 @@ def test_sample_answers_says_which_answers_ended(monkeypatch):
     monkeypatch.setattr("pipeline.generation.encode_prompt", lambda tokenizer, prompt, limit: [9])
     answers = sample_answers(EndsAfterTwo(), Tokenizer(), ["a", "b"], SamplingConfig())
     assert answers == [Answer("5", True), Answer("5 6 7", False)]
+
+
+def test_label_shows_the_answers_a_collected_row_brings(tmp_path):
+    from pipeline.data.prompts import collected_answers, read_chat_prompts
+
+    path = tmp_path / "collected.jsonl"
+    path.write_text(json.dumps({"prompt": "p0"}) + "\n" +
+                    json.dumps({"prompt": "p1", "responses": ["a", "b"]}) + "\n")
+    assert read_chat_prompts(path)[1] == "p1"
+    assert collected_answers(path) == {1: ["a", "b"]}
+    path.write_text(json.dumps({"prompt": "p", "responses": ["a", "a"]}) + "\n")
+    with pytest.raises(UserError, match=r"collected.jsonl:1: 'responses' must be a list of two"):
+        collected_answers(path)
