@@ -7,7 +7,7 @@ template, left-padded and sampled with the KV cache; decoding stops at EOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,8 @@ class SamplingConfig:
 class Answer:
     text: str     # decoded without special tokens, stripped
     ended: bool   # the model emitted EOS within max_new_tokens
+    token_ids: list[int] = field(default_factory=list, repr=False)  # the prompt as encoded, then
+    # the answer through its EOS (or to the length limit): what a reward model scores in PPO
 
 
 def sample(model, tokenizer, prompts: list, sampling: SamplingConfig | None = None,
@@ -67,12 +69,19 @@ def sample_answers(model, tokenizer, prompts: list, sampling: SamplingConfig | N
         output = model.generate(input_ids=input_ids.to(device),
                                 attention_mask=attention_mask.to(device),
                                 **generate_kwargs(tokenizer, sampling))
-        new_tokens = output[:, input_ids.shape[1]:]
-        ended = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
-        answers += [Answer(tokenizer.decode(row, skip_special_tokens=True).strip(), row_ended)
-                    for row, row_ended in zip(new_tokens, ended)]
+        new_tokens = output[:, input_ids.shape[1]:].cpu()
+        answers += [answer_of(tokenizer, prompt_ids, row)
+                    for prompt_ids, row in zip(encoded, new_tokens)]
     model.train(was_training)
     return answers
+
+
+def answer_of(tokenizer, prompt_ids: list[int], new_tokens: torch.Tensor) -> Answer:
+    """An answer from the tokens generated after its prompt (padding after the EOS dropped)."""
+    eos = (new_tokens == tokenizer.eos_token_id).nonzero()
+    answer_ids = new_tokens[:int(eos[0]) + 1] if len(eos) else new_tokens
+    return Answer(tokenizer.decode(answer_ids, skip_special_tokens=True).strip(), bool(len(eos)),
+                  prompt_ids + answer_ids.tolist())
 
 
 def generate_kwargs(tokenizer, sampling: SamplingConfig) -> dict:

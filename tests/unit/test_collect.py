@@ -166,7 +166,7 @@ def test_sample_answers_says_which_answers_ended(monkeypatch):
     from pipeline.generation import sample_answers
 
     class EndsAfterTwo(torch.nn.Module):
-        """Not a model: `generate` returns two answers, one ending in EOS (id 2)."""
+        """Not a model: `generate` returns two answers, one ending in EOS (id 2), then pad (0)."""
 
         def __init__(self):
             super().__init__()
@@ -184,7 +184,8 @@ def test_sample_answers_says_which_answers_ended(monkeypatch):
 
     monkeypatch.setattr("pipeline.generation.encode_prompt", lambda tokenizer, prompt, limit: [9])
     answers = sample_answers(EndsAfterTwo(), Tokenizer(), ["a", "b"], SamplingConfig())
-    assert answers == [Answer("5", True), Answer("5 6 7", False)]
+    # The scored sequence is the prompt, then the answer through its EOS: the padding after it goes.
+    assert answers == [Answer("5", True, [9, 5, 2]), Answer("5 6 7", False, [9, 5, 6, 7])]
 
 
 def test_label_shows_the_answers_a_collected_row_brings(tmp_path):
