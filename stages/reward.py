@@ -16,7 +16,8 @@ every strictly ordered pair of a prompt from those scores. Pairwise data is the 
 
 Normalization (InstructGPT §3.5): after training, the score head gets the bias that makes the SFT
 answers score 0 on average. `normalize.answers: sft_samples` samples the parent (the SFT policy
-PPO starts from) on eval prompts, so PPO starts near reward 0; `best_ranked` uses the best-ranked
+PPO starts from) on eval prompts with PPO's settings and scores them as PPO will, so PPO starts
+near reward 0; `best_ranked` uses the best-ranked
 answers of the eval rankings as a stand-in for demonstrations. The shift is stored in the run
 summary and in `reward_model.json`; see `pipeline.reward_model` for why plain transformers cannot apply it.
 """
@@ -36,13 +37,13 @@ from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_ranked_rows
 from pipeline.data.packing import right_pad
 from pipeline.errors import UserError
-from pipeline.generation import SamplingConfig, sample
+from pipeline.generation import Answer, SamplingConfig, sample_answers
 from pipeline.loop import fit, micro_batch_indices
 from pipeline.guard import require_causal_lm
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.ranking import encode_groups, kwise_ranking_loss, ranking_metrics
 from pipeline.registry import Registry, Resolved, Run
-from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_model, encode_answers,
+from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_model,
                                    encode_ranked_row, regroup, reward_tokenizer, score_sequences,
                                    sequence_scores)
 from pipeline.runtime import StageRun
@@ -81,12 +82,19 @@ class LossSection(Section):
 
 
 class NormalizeSection(Section):
+    """With `sft_samples`, set the sampling fields to the PPO stage's (its `generation` section and
+    `data.max_prompt_tokens`): the answers are then scored exactly as PPO will score them."""
+
     answers: Literal["sft_samples", "best_ranked"] = Field(
         "sft_samples", description="answers that score 0 on average after training: samples of the "
         "parent model on eval prompts, or the best-ranked eval answers")
     prompts: int = Field(64, ge=1, description="eval prompts sampled (sft_samples)")
+    max_prompt_tokens: int = Field(96, ge=1, description="prompt tokens kept, chat framing "
+                                   "included (sft_samples; PPO's data.max_prompt_tokens)")
     max_new_tokens: int = Field(64, ge=1, description="answer length limit (sft_samples)")
     temperature: float = Field(0.7, ge=0, description="sampling temperature, 0 = greedy (sft_samples)")
+    top_k: int = Field(0, ge=0, description="0 = no top-k filtering (sft_samples)")
+    top_p: float = Field(1.0, gt=0, le=1, description="1 = no nucleus filtering (sft_samples)")
 
 
 class Config(StageConfig):
@@ -162,7 +170,7 @@ def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set:
         eval_fn=eval_fn, tokens_in=lambda batch: int(batch["attention_mask"].sum()), desc="reward")
 
     reward_model = merge_adapter(model)  # LoRA folded in: the published model is a plain classifier
-    normalization = normalization_shift(reward_model, tokenizer, eval_set, config, parent)
+    normalization = normalization_shift(reward_model, eval_set, config, parent)
     metrics = held_out_metrics(reward_model, eval_set, score_batch_size(config),
                                shift=normalization["shift"])
     stage_run.log(config.train.max_steps, flat_metrics(metrics, scale_free=False))
@@ -294,29 +302,40 @@ def flat_metrics(metrics: dict, scale_free: bool) -> dict[str, float]:
             for rank, value in metrics["mean_score_by_rank"].items()}
 
 
-def normalization_shift(model, tokenizer, eval_set: RankedSet, config: Config,
-                        parent: Resolved) -> dict:
-    """The mean raw score of the SFT answers (see the module docstring), and what it was taken on."""
+def normalization_shift(model, eval_set: RankedSet, config: Config, parent: Resolved) -> dict:
+    """The mean raw score of the SFT answers (see the module docstring), and what it was taken on.
+
+    Sampled answers are scored as PPO scores them: the prompt as encoded for sampling (its last
+    max_prompt_tokens tokens), then the sampled tokens through the EOS, read at the EOS. Answers
+    that never end are left out, since PPO gives those its missing-EOS penalty instead of the
+    reward model's score (unless none ends: then every answer counts, read at its last token).
+    """
     norm = config.normalize
     if norm.answers == "best_ranked":
         seqs = [seq for seqs, row in zip(eval_set.sequences, eval_set.rows)
                 for seq, rank in zip(seqs, row["ranks"]) if rank == 0]
+        unended = 0
     else:
         prompts = [row["prompt"] for row in eval_set.rows[:norm.prompts]]
         answers = sample_parent(parent, prompts, config)
-        seqs, _ = encode_answers(tokenizer, prompts, answers, config.data.max_length)
+        seqs = [answer.token_ids for answer in answers if answer.ended] or \
+            [answer.token_ids for answer in answers]
+        unended = sum(not answer.ended for answer in answers)
     scores = score_sequences(model, seqs, batch_size=score_batch_size(config))
-    return {"shift": float(np.mean(scores)), "answers": norm.answers, "count": len(seqs)}
+    return {"shift": float(np.mean(scores)), "answers": norm.answers, "count": len(seqs),
+            "unended": unended}
 
 
-def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[str]:
+def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[Answer]:
     """Answers of the parent model to `prompts` (with its own tokenizer), seeded."""
     trust = config.runtime.trust_remote_code
+    norm = config.normalize
     policy = load_causal_lm(parent, trust_remote_code=trust, trainable_adapter=False)
     tokenizer = load_tokenizer(parent.path, trust_remote_code=trust)
-    sampling = SamplingConfig(max_new_tokens=config.normalize.max_new_tokens,
-                              temperature=config.normalize.temperature)
-    return sample(policy, tokenizer, prompts, sampling, seed=config.seed)
+    sampling = SamplingConfig(max_new_tokens=norm.max_new_tokens, temperature=norm.temperature,
+                              top_k=norm.top_k, top_p=norm.top_p)
+    return sample_answers(policy, tokenizer, prompts, sampling, seed=config.seed,
+                          max_prompt_tokens=norm.max_prompt_tokens)
 
 
 def describe_metrics(metrics: dict, normalization: dict) -> str:
