@@ -17,15 +17,23 @@ every strictly ordered pair of a prompt from those scores. Pairwise data is the 
 Normalization (InstructGPT §3.5): after training, the score head gets the bias that makes the SFT
 answers score 0 on average. `normalize.answers: sft_samples` samples the parent (the SFT policy
 PPO starts from) on eval prompts with PPO's settings and scores them as PPO will, so PPO starts
-near reward 0; `best_ranked` uses the best-ranked
-answers of the eval rankings as a stand-in for demonstrations. The shift is stored in the run
-summary and in `reward_model.json`; see `pipeline.reward_model` for why plain transformers cannot apply it.
+near reward 0; `best_ranked` uses the best-ranked answers of the eval rankings as a stand-in for
+demonstrations. The shift is stored in the run summary and in `reward_model.json`; see
+`pipeline.reward_model` for why plain transformers cannot apply it.
+
+Step 2 of the recipe ranks the policy's own answers: with `data.answers: policy` (or `both`, next
+to the template answers of the train files) the stage first samples K answers per train prompt from
+its parent, has the world's gold labeler rank them (`policy_answers`), and trains on those. The
+collected file is cached in the registry home by parent and settings, and its provenance (file,
+fingerprint, policy, counts, labeler agreement) goes into the run summary.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -33,13 +41,17 @@ import torch
 from pydantic import Field
 
 from pipeline.config import LoraConfig, Section, StageConfig
-from pipeline.data.fingerprint import data_fingerprint
+from pipeline.data.collect import (cached_collection, check_request, collect, describe,
+                                   read_provenance)
+from pipeline.data.fingerprint import data_fingerprint, fingerprint_files
 from pipeline.data.formats import load_ranked_rows
+from pipeline.data.prompts import read_chat_prompts
 from pipeline.data.packing import right_pad
 from pipeline.errors import UserError
 from pipeline.generation import Answer, SamplingConfig, sample_answers
 from pipeline.loop import fit, micro_batch_indices
 from pipeline.guard import require_causal_lm
+from pipeline.labelers import make_labeler
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.ranking import encode_groups, kwise_ranking_loss, ranking_metrics
 from pipeline.registry import Registry, Resolved, Run
@@ -48,7 +60,7 @@ from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_mode
                                    sequence_scores)
 from pipeline.runtime import StageRun
 from pipeline.tokenizer import check_context, load_tokenizer
-from pipeline.world.cache import WorldSection, train_and_eval_files
+from pipeline.world.cache import WorldSection, train_and_eval_files, world_file
 
 
 class ModelSection(Section):
@@ -70,6 +82,10 @@ class DataSection(Section):
     columns: dict[str, str] = Field(default_factory=dict, description="our column name → yours, "
                                     "e.g. {chosen: better, rejected: worse}")
     world: WorldSection = Field(default_factory=WorldSection)
+    answers: Literal["template", "policy", "both"] = Field(
+        "template", description="what the train rankings rank: the answers of train_files (the "
+        "world's template answers by default), the parent policy's own answers sampled and "
+        "labeled first (see policy_answers), or both")
     max_length: int = Field(256, ge=8, description="tokens per prompt + answer")
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="a longer prompt + answer: keep its last max_length tokens (the "
@@ -97,9 +113,26 @@ class NormalizeSection(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="1 = no nucleus filtering (sft_samples)")
 
 
+class PolicyAnswersSection(Section):
+    """The parent's own answers as reward data (data.answers policy or both): K answers per train
+    prompt, sampled with the `normalize` section's settings (PPO's), ranked by the world's gold
+    labeler. Collected once per parent and settings into the registry home's data cache."""
+
+    prompts_file: str | None = Field(None, description="JSONL of train prompts; empty = the "
+                                     "world's reward_train.jsonl")
+    prompts: int = Field(1000, ge=1, description="the first N prompts of the file")
+    k: int = Field(4, ge=2, description="answers sampled per prompt")
+    labeler: Literal["gold"] = Field("gold", description="who ranks them: the world's simulated "
+                                     "labeler (people rank with `rlhf data collect` and "
+                                     "`rlhf label`)")
+    labeler_temperature: float = Field(0.0, ge=0, description="Plackett-Luce temperature of the "
+                                       "labeler's disagreement; 0 = the gold order")
+
+
 class Config(StageConfig):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
+    policy_answers: PolicyAnswersSection = Field(default_factory=PolicyAnswersSection)
     loss: LossSection = Field(default_factory=LossSection)
     normalize: NormalizeSection = Field(default_factory=NormalizeSection)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -135,6 +168,10 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
                                  trust_remote_code=trust)
     check_context(tokenizer, config.data.max_length)
     train_files, eval_files = train_and_eval_files(registry, config.data, "reward")
+    collected = None
+    if config.data.answers != "template":
+        collected = policy_answers_file(registry, config, parents["model"])
+        train_files = [*(train_files if config.data.answers == "both" else []), str(collected)]
     train_set, eval_set = load_splits(tokenizer, train_files, eval_files, config)
     stage_run = StageRun.open("reward", config, registry, parents=parents,
                               data_fingerprint=data_fingerprint(train_files, eval_files, None),
@@ -142,11 +179,12 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     if stage_run.reused:
         return stage_run.run
     with stage_run:
-        return _train(stage_run, config, tokenizer, train_set, eval_set, parents["model"])
+        return _train(stage_run, config, tokenizer, train_set, eval_set, parents["model"],
+                      policy_answers=read_provenance(collected) if collected else None)
 
 
 def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set: RankedSet,
-           parent: Resolved) -> Run:
+           parent: Resolved, policy_answers: dict | None) -> Run:
     stage_run.say(f"reward: {train_set.describe('train', config.data)}; "
                   f"{eval_set.describe('eval', config.data)}")
     model = _reward_model(stage_run, config, tokenizer, parent)
@@ -177,7 +215,7 @@ def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set:
     stage_run.say(describe_metrics(metrics, normalization))
     summary = {**metrics, "shift": normalization["shift"], "normalization": normalization,
                **train_set.report("train"), **eval_set.report("eval"),
-               "lora": config.lora.enabled}
+               "lora": config.lora.enabled, "policy_answers": policy_answers}
     marker = reward_marker(metrics, normalization, config)
     stage_run.publish(reward_model, tokenizer, summary=summary,
                       extra_writer=lambda directory: write_marker(directory, marker))
@@ -203,6 +241,33 @@ def _reward_model(stage_run, config: Config, tokenizer, parent: Resolved):
 
 
 # -- data ---------------------------------------------------------------------------------------
+def policy_answers_file(registry: Registry, config: Config, parent: Resolved) -> Path:
+    """The parent's answers to the train prompts, ranked (`pipeline.data.collect`): sampled the
+    first time, then read from the registry home's data cache."""
+    section = config.policy_answers
+    prompts_file = section.prompts_file or str(world_file(registry, config.data.world,
+                                                          "reward_train.jsonl"))
+    sampling = normalize_sampling(config.normalize)
+    key = {"policy": parent.run.id if parent.run else fingerprint_files(parent.path),
+           "prompts": fingerprint_files(prompts_file), "settings": section.model_dump(),
+           "sampling": asdict(sampling), "max_prompt_tokens": config.normalize.max_prompt_tokens,
+           "seed": config.seed}
+
+    def make():
+        prompts = read_chat_prompts(prompts_file)[:section.prompts]
+        labeler = make_labeler(section.labeler, section.labeler_temperature, config.seed)
+        check_request(prompts, section.k, labeler)
+        policy, tokenizer = parent_policy(parent, config)
+        collected = collect(policy, tokenizer, prompts, section.k, sampling, labeler,
+                            seed=config.seed, max_prompt_tokens=config.normalize.max_prompt_tokens)
+        print(describe(collected.counts, labeler.report()), file=sys.stderr, flush=True)
+        return collected, {"policy": {"path": parent.path,
+                                      "run": parent.run.id if parent.run else None},
+                           "prompts": prompts_file, "labeler": labeler.report()}
+
+    return cached_collection(registry, key, make)
+
+
 def load_splits(tokenizer, train_files: list[str], eval_files: list[str],
                 config: Config) -> tuple[RankedSet, RankedSet]:
     """Read and encode both splits; without eval files, hold out `eval_fraction` of the prompts."""
@@ -328,14 +393,21 @@ def normalization_shift(model, eval_set: RankedSet, config: Config, parent: Reso
 
 def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[Answer]:
     """Answers of the parent model to `prompts` (with its own tokenizer), seeded."""
+    policy, tokenizer = parent_policy(parent, config)
+    return sample_answers(policy, tokenizer, prompts, normalize_sampling(config.normalize),
+                          seed=config.seed, max_prompt_tokens=config.normalize.max_prompt_tokens)
+
+
+def parent_policy(parent: Resolved, config: Config):
+    """The parent as a causal LM that samples, with its own tokenizer."""
     trust = config.runtime.trust_remote_code
-    norm = config.normalize
     policy = load_causal_lm(parent, trust_remote_code=trust, trainable_adapter=False)
-    tokenizer = load_tokenizer(parent.path, trust_remote_code=trust)
-    sampling = SamplingConfig(max_new_tokens=norm.max_new_tokens, temperature=norm.temperature,
-                              top_k=norm.top_k, top_p=norm.top_p)
-    return sample_answers(policy, tokenizer, prompts, sampling, seed=config.seed,
-                          max_prompt_tokens=norm.max_prompt_tokens)
+    return policy, load_tokenizer(parent.path, trust_remote_code=trust)
+
+
+def normalize_sampling(norm: NormalizeSection) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=norm.max_new_tokens, temperature=norm.temperature,
+                          top_k=norm.top_k, top_p=norm.top_p)
 
 
 def describe_metrics(metrics: dict, normalization: dict) -> str:

@@ -20,16 +20,21 @@ ends none of its answers is an error (it is not a chat model, or max_new_tokens 
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pipeline.data.fingerprint import fingerprint_files
 from pipeline.errors import UserError
 from pipeline.generation import SamplingConfig, sample_answers
+from pipeline.registry import commit_directory, directory_problems
 
 PROVENANCE_SUFFIX = ".provenance"
+COLLECTED_NAME = "policy_answers.jsonl"
 
 
 @dataclass
@@ -147,7 +152,24 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_provenance(out: str | Path) -> dict | None:
-    """The sidecar of a collected file, or None when it has none."""
+def read_provenance(out: str | Path) -> dict:
+    """The sidecar of a collected file."""
     sidecar = Path(out).with_name(Path(out).name + PROVENANCE_SUFFIX)
-    return json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else None
+    return json.loads(sidecar.read_text(encoding="utf-8"))
+
+
+def cached_collection(registry, key: dict, make: Callable[[], tuple[Collected, dict]]) -> Path:
+    """The collected file for `key` (what the answers depend on: the policy, the prompts, the
+    sampling and labeling settings) in the registry home's data cache, made by `make()` →
+    (collected, provenance) the first time only, as a committed directory. Rerunning a finished
+    pipeline therefore samples nothing again."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    target = registry.data_dir() / "collected" / digest
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".collect.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes: one samples, the other waits and reads
+        if directory_problems(target):
+            collected, provenance = make()
+            commit_directory(target, lambda tmp: write_collected(
+                tmp / COLLECTED_NAME, collected, {**provenance, "key": key}))
+    return target / COLLECTED_NAME

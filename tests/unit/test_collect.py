@@ -199,3 +199,24 @@ def test_label_shows_the_answers_a_collected_row_brings(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "responses": ["a", "a"]}) + "\n")
     with pytest.raises(UserError, match=r"collected.jsonl:1: 'responses' must be a list of two"):
         collected_answers(path)
+
+
+def test_a_collection_is_made_once_per_key_and_then_read_from_the_cache(tmp_path):
+    from pipeline.data.collect import Collected, cached_collection, read_provenance
+    from pipeline.registry import Registry
+
+    registry = Registry(tmp_path / "home")
+    made = []
+
+    def make():
+        made.append(1)
+        rows = [{"prompt": QUESTION, "responses": [RIGHT, CURT], "ranking": [0, 1]}]
+        return Collected(rows, CollectCounts(rows=1)), {"policy": {"run": "sft-1"}}
+
+    first = cached_collection(registry, {"policy": "sft-1", "k": 2}, make)
+    again = cached_collection(registry, {"policy": "sft-1", "k": 2}, make)
+    other = cached_collection(registry, {"policy": "sft-2", "k": 2}, make)
+    assert first == again != other and len(made) == 2
+    assert [row["ranks"] for row in load_ranked_rows(first)] == [[0, 1]]
+    assert read_provenance(first)["key"] == {"policy": "sft-1", "k": 2}
+    registry.close()
