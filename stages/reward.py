@@ -168,10 +168,12 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
                                  trust_remote_code=trust)
     check_context(tokenizer, config.data.max_length)
     train_files, eval_files = train_and_eval_files(registry, config.data, "reward")
-    collected = None
+    collected = []
     if config.data.answers != "template":
-        collected = policy_answers_file(registry, config, parents["model"])
-        train_files = [*(train_files if config.data.answers == "both" else []), str(collected)]
+        collected = [policy_answers_file(registry, config, policy)
+                     for policy in answer_sources(parents)]
+        train_files = [*(train_files if config.data.answers == "both" else []),
+                       *map(str, collected)]
     train_set, eval_set = load_splits(tokenizer, train_files, eval_files, config)
     stage_run = StageRun.open("reward", config, registry, parents=parents,
                               data_fingerprint=data_fingerprint(train_files, eval_files, None),
@@ -180,11 +182,14 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
         return stage_run.run
     with stage_run:
         return _train(stage_run, config, tokenizer, train_set, eval_set, parents["model"],
-                      policy_answers=read_provenance(collected) if collected else None)
+                      ppo_policy=answer_sources(parents)[-1],
+                      policy_answers=[read_provenance(path) for path in collected])
 
 
 def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set: RankedSet,
-           parent: Resolved, policy_answers: dict | None) -> Run:
+           parent: Resolved, ppo_policy: Resolved, policy_answers: list[dict]) -> Run:
+    """`parent` initializes the model; `ppo_policy` (the policy PPO will start from: the parent,
+    or in a later round the last round's PPO policy) gives the answers normalized to 0."""
     stage_run.say(f"reward: {train_set.describe('train', config.data)}; "
                   f"{eval_set.describe('eval', config.data)}")
     model = _reward_model(stage_run, config, tokenizer, parent)
@@ -208,7 +213,7 @@ def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set:
         eval_fn=eval_fn, tokens_in=lambda batch: int(batch["attention_mask"].sum()), desc="reward")
 
     reward_model = merge_adapter(model)  # LoRA folded in: the published model is a plain classifier
-    normalization = normalization_shift(reward_model, eval_set, config, parent)
+    normalization = normalization_shift(reward_model, eval_set, config, ppo_policy)
     metrics = held_out_metrics(reward_model, eval_set, score_batch_size(config),
                                shift=normalization["shift"])
     stage_run.log(config.train.max_steps, flat_metrics(metrics, scale_free=False))
@@ -241,14 +246,22 @@ def _reward_model(stage_run, config: Config, tokenizer, parent: Resolved):
 
 
 # -- data ---------------------------------------------------------------------------------------
-def policy_answers_file(registry: Registry, config: Config, parent: Resolved) -> Path:
-    """The parent's answers to the train prompts, ranked (`pipeline.data.collect`): sampled the
+def answer_sources(parents: dict[str, Resolved]) -> list[Resolved]:
+    """The policies whose answers are collected: the parent, then the `answers_from_K` parents
+    (the PPO policy of each earlier round, when a pipeline runs several)."""
+    later = sorted((role for role in parents if role.startswith("answers_from_")),
+                   key=lambda role: int(role.rpartition("_")[2]))
+    return [parents["model"], *(parents[role] for role in later)]
+
+
+def policy_answers_file(registry: Registry, config: Config, policy: Resolved) -> Path:
+    """The policy's answers to the train prompts, ranked (`pipeline.data.collect`): sampled the
     first time, then read from the registry home's data cache."""
     section = config.policy_answers
     prompts_file = section.prompts_file or str(world_file(registry, config.data.world,
                                                           "reward_train.jsonl"))
     sampling = normalize_sampling(config.normalize)
-    key = {"policy": parent.run.id if parent.run else fingerprint_files(parent.path),
+    key = {"policy": policy.run.id if policy.run else fingerprint_files(policy.path),
            "prompts": fingerprint_files(prompts_file), "settings": section.model_dump(),
            "sampling": asdict(sampling), "max_prompt_tokens": config.normalize.max_prompt_tokens,
            "seed": config.seed}
@@ -257,12 +270,12 @@ def policy_answers_file(registry: Registry, config: Config, parent: Resolved) ->
         prompts = read_chat_prompts(prompts_file)[:section.prompts]
         labeler = make_labeler(section.labeler, section.labeler_temperature, config.seed)
         check_request(prompts, section.k, labeler)
-        policy, tokenizer = parent_policy(parent, config)
-        collected = collect(policy, tokenizer, prompts, section.k, sampling, labeler,
+        model, tokenizer = sampling_policy(policy, config)
+        collected = collect(model, tokenizer, prompts, section.k, sampling, labeler,
                             seed=config.seed, max_prompt_tokens=config.normalize.max_prompt_tokens)
         print(describe(collected.counts, labeler.report()), file=sys.stderr, flush=True)
-        return collected, {"policy": {"path": parent.path,
-                                      "run": parent.run.id if parent.run else None},
+        return collected, {"policy": {"path": policy.path,
+                                      "run": policy.run.id if policy.run else None},
                            "prompts": prompts_file, "labeler": labeler.report()}
 
     return cached_collection(registry, key, make)
@@ -393,12 +406,12 @@ def normalization_shift(model, eval_set: RankedSet, config: Config, parent: Reso
 
 def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[Answer]:
     """Answers of the parent model to `prompts` (with its own tokenizer), seeded."""
-    policy, tokenizer = parent_policy(parent, config)
+    policy, tokenizer = sampling_policy(parent, config)
     return sample_answers(policy, tokenizer, prompts, normalize_sampling(config.normalize),
                           seed=config.seed, max_prompt_tokens=config.normalize.max_prompt_tokens)
 
 
-def parent_policy(parent: Resolved, config: Config):
+def sampling_policy(parent: Resolved, config: Config):
     """The parent as a causal LM that samples, with its own tokenizer."""
     trust = config.runtime.trust_remote_code
     policy = load_causal_lm(parent, trust_remote_code=trust, trainable_adapter=False)

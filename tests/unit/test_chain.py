@@ -187,7 +187,8 @@ def fake(monkeypatch):
 
 def full_plan(**kwargs) -> Plan:
     names = [n for n in STAGES if not (kwargs.get("start") and n == "pretrain")]
-    return Plan({name: StageConfig() for name in names}, kwargs.pop("selected", names), **kwargs)
+    steps = chain.chain_steps(names, kwargs.get("rounds", 1))
+    return Plan({name: StageConfig() for name in names}, kwargs.pop("selected", steps), **kwargs)
 
 
 def test_each_stage_gets_this_pipelines_runs_as_parents(fake, registry):
@@ -258,6 +259,42 @@ def test_start_replaces_pretraining_and_is_recorded_as_a_run_id(fake, registry, 
     pipeline = execute(full_plan(start="base"), registry)
     assert fake.calls[0] == ("sft", {"model": base.id})
     assert pipeline.config["start"] == base.id and pipeline.parent_runs == {"start": base.id}
+
+
+def test_rounds_sample_every_earlier_policy_and_ppo_from_the_last(fake, registry):
+    pipeline = execute(full_plan(rounds=3), registry)
+    runs = {name: entry["run"] for name, entry in pipeline.summary["stages"].items()}
+    assert list(runs) == ["pretrain", "sft", "reward", "ppo", "reward.2", "ppo.2", "reward.3",
+                          "ppo.3"]
+    assert fake.calls[4:] == [
+        ("reward", {"model": runs["sft"], "answers_from_1": runs["ppo"]}),
+        ("ppo", {"policy": runs["ppo"], "reward": runs["reward.2"]}),
+        ("reward", {"model": runs["sft"], "answers_from_1": runs["ppo"],
+                    "answers_from_2": runs["ppo.2"]}),
+        ("ppo", {"policy": runs["ppo.2"], "reward": runs["reward.3"]})]
+    assert len(set(runs.values())) == 8  # each round its own registry runs
+    assert pipeline.summary["final_run"] == runs["ppo.3"]
+
+
+def test_from_a_later_round_takes_the_earlier_rounds_from_the_registry(fake, registry):
+    first = execute(full_plan(rounds=2), registry)
+    runs = {name: entry["run"] for name, entry in first.summary["stages"].items()}
+    fake.calls.clear()
+    again = execute(full_plan(rounds=2, selected=["ppo.2"]), registry)
+    assert fake.calls == [("ppo", {"policy": runs["ppo"], "reward": runs["reward.2"]})]
+    assert again.summary["stages"]["reward.2"]["how"] == "registry"
+    assert again.summary["final_run"] == runs["ppo.2"]
+
+
+def test_rounds_need_reward_data_from_the_policy(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(UserError, match="rounds: 2 retrains the reward model on each round's "
+                                        "policy answers"):
+        plan_from_yaml("configs/tiny/pipeline.yaml", ["rounds=2"])
+    plan = plan_from_yaml("configs/tiny/pipeline.yaml",
+                          ["rounds=2", "reward.data.answers=both"], from_stage="reward.2")
+    assert plan.selected == ["reward.2", "ppo.2"] and plan.rounds == 2
+    assert Plan(plan.configs, plan.selected, rounds=1).digest() != plan.digest()
 
 
 def test_resume_without_anything_unfinished_says_so(registry, make_run, capsys):
