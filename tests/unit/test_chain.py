@@ -327,3 +327,31 @@ def test_resume_command_continues_a_stage_run_with_its_config_and_parents(fake, 
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["run"] == failed.id and result["status"] == "completed"
     assert fake.calls[-1] == ("sft", {"model": base.id})
+
+
+def test_the_report_card_has_a_row_per_round(registry, make_run):
+    from pipeline.commands.report import round_rows
+
+    def run_with(stage: str, summary: dict) -> dict:
+        run = make_run(stage, publish=False)
+        registry.set_status(run.id, "completed", summary=summary)
+        return {"run": run.id}
+
+    ppo_1 = {"gold_start/mean_gold_score": 0.60, "gold_sampled_start/mean_gold_score": 0.55,
+             "gold_start/count_accuracy": 0.3, "gold_end/mean_gold_score": 0.65,
+             "gold_sampled_end/mean_gold_score": 0.62, "rm_score_mean_end": 1.2, "kl_end": 3.0}
+    ppo_2 = {"gold_end/mean_gold_score": 0.70, "kl_end": 2.0}
+    steps = {"reward": run_with("reward", {"pairwise_accuracy": 0.9}), "ppo": run_with("ppo", ppo_1),
+             "reward.2": run_with("reward", {"pairwise_accuracy": 0.8}),
+             "ppo.2": run_with("ppo", ppo_2)}
+    pipeline = make_run(PIPELINE_STAGE, publish=False)
+    registry.set_status(pipeline.id, "completed", summary={"stages": steps})
+    rows = round_rows(registry, registry.get(pipeline.id))
+    assert list(rows) == [0, 1, 2]
+    assert rows[0] == {"gold (greedy)": 0.60, "gold (sampled)": 0.55, "count accuracy": 0.3}
+    assert rows[1]["reward accuracy"] == 0.9 and rows[1]["gold (sampled)"] == 0.62
+    assert rows[2] == {"reward accuracy": 0.8, "gold (greedy)": 0.70, "gold (sampled)": None,
+                       "count accuracy": None, "RM score": None, "KL": 2.0}
+    single = make_run(PIPELINE_STAGE, publish=False)
+    registry.set_status(single.id, "completed", summary={"stages": {"ppo": steps["ppo"]}})
+    assert round_rows(registry, registry.get(single.id)) == {}
