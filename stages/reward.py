@@ -270,7 +270,7 @@ def policy_answers_file(registry: Registry, config: Config, policy: Resolved) ->
         prompts = read_chat_prompts(prompts_file)[:section.prompts]
         labeler = make_labeler(section.labeler, section.labeler_temperature, config.seed)
         check_request(prompts, section.k, labeler)
-        model, tokenizer = sampling_policy(policy, config)
+        model, tokenizer = load_policy(policy, config)
         collected = collect(model, tokenizer, prompts, section.k, sampling, labeler,
                             seed=config.seed, max_prompt_tokens=config.normalize.max_prompt_tokens)
         print(describe(collected.counts, labeler.report()), file=sys.stderr, flush=True)
@@ -380,7 +380,7 @@ def flat_metrics(metrics: dict, scale_free: bool) -> dict[str, float]:
             for rank, value in metrics["mean_score_by_rank"].items()}
 
 
-def normalization_shift(model, eval_set: RankedSet, config: Config, parent: Resolved) -> dict:
+def normalization_shift(model, eval_set: RankedSet, config: Config, policy: Resolved) -> dict:
     """The mean raw score of the SFT answers (see the module docstring), and what it was taken on.
 
     Sampled answers are scored as PPO scores them: the prompt as encoded for sampling (its last
@@ -395,7 +395,7 @@ def normalization_shift(model, eval_set: RankedSet, config: Config, parent: Reso
         unended = 0
     else:
         prompts = [row["prompt"] for row in eval_set.rows[:norm.prompts]]
-        answers = sample_parent(parent, prompts, config)
+        answers = sample_policy(policy, prompts, config)
         seqs = [answer.token_ids for answer in answers if answer.ended] or \
             [answer.token_ids for answer in answers]
         unended = sum(not answer.ended for answer in answers)
@@ -404,18 +404,18 @@ def normalization_shift(model, eval_set: RankedSet, config: Config, parent: Reso
             "unended": unended}
 
 
-def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[Answer]:
-    """Answers of the parent model to `prompts` (with its own tokenizer), seeded."""
-    policy, tokenizer = sampling_policy(parent, config)
-    return sample_answers(policy, tokenizer, prompts, normalize_sampling(config.normalize),
+def sample_policy(policy: Resolved, prompts: list, config: Config) -> list[Answer]:
+    """Answers of `policy` to `prompts` (with its own tokenizer), seeded."""
+    model, tokenizer = load_policy(policy, config)
+    return sample_answers(model, tokenizer, prompts, normalize_sampling(config.normalize),
                           seed=config.seed, max_prompt_tokens=config.normalize.max_prompt_tokens)
 
 
-def sampling_policy(parent: Resolved, config: Config):
-    """The parent as a causal LM that samples, with its own tokenizer."""
+def load_policy(policy: Resolved, config: Config):
+    """A policy as a causal LM that samples, with its own tokenizer."""
     trust = config.runtime.trust_remote_code
-    policy = load_causal_lm(parent, trust_remote_code=trust, trainable_adapter=False)
-    return policy, load_tokenizer(parent.path, trust_remote_code=trust)
+    model = load_causal_lm(policy, trust_remote_code=trust, trainable_adapter=False)
+    return model, load_tokenizer(policy.path, trust_remote_code=trust)
 
 
 def normalize_sampling(norm: NormalizeSection) -> SamplingConfig:

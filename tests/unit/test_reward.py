@@ -189,7 +189,7 @@ def test_the_shift_is_taken_on_ended_answers_as_ppo_scores_them(monkeypatch):
 
     sampled = [Answer("six", True, [7, 8, 5, 2]), Answer("moo moo", False, [7, 8, 6, 6]),
                Answer("eight", True, [7, 8, 9, 9, 2])]
-    monkeypatch.setattr(reward, "sample_parent", lambda parent, prompts, config: sampled)
+    monkeypatch.setattr(reward, "sample_policy", lambda policy, prompts, config: sampled)
     scored = []
     monkeypatch.setattr(reward, "score_sequences",
                         lambda model, seqs, batch_size: scored.extend(seqs) or
