@@ -183,7 +183,8 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     with stage_run:
         return _train(stage_run, config, tokenizer, train_set, eval_set, parents["model"],
                       ppo_policy=answer_sources(parents)[-1],
-                      policy_answers=[read_provenance(path) for path in collected])
+                      policy_answers=[{"file": str(path), **read_provenance(path)}
+                                      for path in collected])
 
 
 def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set: RankedSet,
