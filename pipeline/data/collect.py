@@ -16,6 +16,10 @@ What cannot be ranked is counted, never silent: an empty answer or the same text
 of its prompt, and a prompt with fewer than two different answers (or, ranked, with every answer
 tied) is left out of the file. Answers that never emitted EOS are kept and counted; a policy that
 ends none of its answers is an error (it is not a chat model, or max_new_tokens is too short).
+
+`cached_collection` is how the reward stage collects inside a pipeline: once per policy, prompts
+and settings, into the registry home's data cache (`HOME/data/collected/KEY/`, a committed
+directory like the world's), so that rerunning a finished pipeline samples nothing again.
 """
 
 from __future__ import annotations
