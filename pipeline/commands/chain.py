@@ -234,7 +234,7 @@ def plan_from_yaml(path: str | Path, overrides: list[str], from_stage: str | Non
     configs = {name: stage_config(name, getattr(pipeline_config.stages, name),
                                   pipeline_config.seed, per_stage.get(name, []), str(path))
                for name in dict.fromkeys(map(stage_of, reached(chain, selected)))}
-    if rounds > 1 and configs["reward"].data.answers == "template":
+    if rounds > 1 and "reward" in configs and configs["reward"].data.answers == "template":
         raise UserError(f"{path}: rounds: {rounds} retrains the reward model on each round's "
                         f"policy answers, but stages.reward has data.answers: template; set it "
                         f"to policy or both (on the command line: reward.data.answers=both)")

@@ -295,6 +295,8 @@ def test_rounds_need_reward_data_from_the_policy(tmp_path, monkeypatch):
                           ["rounds=2", "reward.data.answers=both"], from_stage="reward.2")
     assert plan.selected == ["reward.2", "ppo.2"] and plan.rounds == 2
     assert Plan(plan.configs, plan.selected, rounds=1).digest() != plan.digest()
+    assert plan_from_yaml("configs/tiny/pipeline.yaml", ["rounds=2"], only="sft").selected == \
+        ["sft"]  # the reward stage is not reached: nothing to check
 
 
 def test_resume_without_anything_unfinished_says_so(registry, make_run, capsys):
