@@ -65,7 +65,7 @@ class GoldLabeler:
                 asked = ", ".join(f"{count} {animal}" for animal, count in pairs)
                 raise UserError(f"prompt {index + 1} asks about held-out legs ({asked}): the gold "
                                 f"labeler labels train prompts only, so that the held-out evals "
-                                f"stay unseen; remove such prompts or use --prompts world")
+                                f"stay unseen; remove such prompts (the world's train prompts have none)")
 
     def rank(self, prompt, answers: list[str]) -> Ranking:
         text = question_text(prompt)
