@@ -7,7 +7,7 @@ template, left-padded and sampled with the KV cache; decoding stops at EOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,7 @@ from pipeline.tokenizer import encode_prompt, load_tokenizer
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 64
+    min_new_tokens: int = 0    # EOS is blocked before this many tokens
     temperature: float = 0.7   # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
@@ -36,11 +37,28 @@ class SamplingConfig:
                    top_k=options.top_k, batch_size=32)
 
 
-@torch.no_grad()
+@dataclass
+class Answer:
+    text: str     # decoded without special tokens, stripped
+    ended: bool   # the model emitted EOS within max_new_tokens
+    token_ids: list[int] = field(default_factory=list, repr=False)  # the prompt as encoded, then
+    # the answer through its EOS (or to the length limit): what a reward model scores in PPO
+
+
 def sample(model, tokenizer, prompts: list, sampling: SamplingConfig | None = None,
            seed: int | None = 0, max_prompt_tokens: int = 192, progress: str = "") -> list[str]:
     """One answer per prompt (a string or a chat-message list), decoded without special tokens.
     `progress` labels a progress bar over the prompts (none when empty)."""
+    return [answer.text for answer in
+            sample_answers(model, tokenizer, prompts, sampling, seed, max_prompt_tokens, progress)]
+
+
+@torch.no_grad()
+def sample_answers(model, tokenizer, prompts: list, sampling: SamplingConfig | None = None,
+                   seed: int | None = 0, max_prompt_tokens: int = 192,
+                   progress: str = "") -> list[Answer]:
+    """One answer per prompt, with whether it ended (EOS) before the length limit; `progress`
+    as in `sample`."""
     sampling = sampling or SamplingConfig()
     if seed is not None:
         torch.manual_seed(seed)
@@ -56,12 +74,21 @@ def sample(model, tokenizer, prompts: list, sampling: SamplingConfig | None = No
         output = model.generate(input_ids=input_ids.to(device),
                                 attention_mask=attention_mask.to(device),
                                 **generate_kwargs(tokenizer, sampling))
-        new_tokens = output[:, input_ids.shape[1]:]
-        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+        new_tokens = output[:, input_ids.shape[1]:].cpu()
+        answers += [answer_of(tokenizer, prompt_ids, row)
+                    for prompt_ids, row in zip(encoded, new_tokens)]
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
     return answers
+
+
+def answer_of(tokenizer, prompt_ids: list[int], new_tokens: torch.Tensor) -> Answer:
+    """An answer from the tokens generated after its prompt (padding after the EOS dropped)."""
+    eos = (new_tokens == tokenizer.eos_token_id).nonzero()
+    answer_ids = new_tokens[:int(eos[0]) + 1] if len(eos) else new_tokens
+    return Answer(tokenizer.decode(answer_ids, skip_special_tokens=True).strip(), bool(len(eos)),
+                  prompt_ids + answer_ids.tolist())
 
 
 def generate_kwargs(tokenizer, sampling: SamplingConfig) -> dict:
@@ -69,6 +96,8 @@ def generate_kwargs(tokenizer, sampling: SamplingConfig) -> dict:
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                   use_cache=True)
+    if sampling.min_new_tokens:
+        kwargs["min_new_tokens"] = sampling.min_new_tokens
     if not greedy:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or None,
                       top_p=sampling.top_p)

@@ -20,15 +20,24 @@ Pairwise data is the K = 2 case.
 
 Normalization (InstructGPT §3.5): after training, the score head gets the bias that makes the SFT
 answers score 0 on average. `normalize.answers: sft_samples` samples the parent (the SFT policy
-PPO starts from) on eval prompts, so PPO starts near reward 0; `best_ranked` uses the best-ranked
-answers of the eval rankings as a stand-in for demonstrations. The shift is stored in the run
-summary and in `reward_model.json`; see `pipeline.reward_model` for why plain transformers cannot apply it.
+PPO starts from) on eval prompts with PPO's settings and scores them as PPO will, so PPO starts
+near reward 0; `best_ranked` uses the best-ranked answers of the eval rankings as a stand-in for
+demonstrations. The shift is stored in the run summary and in `reward_model.json`; see
+`pipeline.reward_model` for why plain transformers cannot apply it.
+
+Step 2 of the recipe ranks the policy's own answers: with `data.answers: policy` (or `both`, next
+to the template answers of the train files) the stage first samples K answers per train prompt from
+its parent, has the world's gold labeler rank them (`policy_answers`), and trains on those. The
+collected file is cached in the registry home by parent and settings, and its provenance (file,
+fingerprint, policy, counts, labeler agreement) goes into the run summary.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -37,23 +46,27 @@ from pydantic import Field
 
 from pipeline.config import (HeldOutHubDataSection, LoraConfig, ModelDtypeSection, Section,
                              StageConfig)
-from pipeline.data.fingerprint import data_fingerprint
+from pipeline.data.collect import (cached_collection, check_request, collect, describe,
+                                   read_provenance)
+from pipeline.data.fingerprint import data_fingerprint, fingerprint_files
 from pipeline.data.formats import load_ranked_rows
+from pipeline.data.prompts import read_chat_prompts
 from pipeline.data.packing import pack_shared_prompts, right_pad
 from pipeline.errors import UserError
-from pipeline.generation import SamplingConfig, sample
+from pipeline.generation import Answer, SamplingConfig, sample_answers
 from pipeline.loop import fit, micro_batch_indices
 from pipeline.guard import check_chat_model, require_causal_lm
+from pipeline.labelers import make_labeler
 from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
 from pipeline.ranking import encode_groups, kwise_ranking_loss, ranking_metrics
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_model,
-                                   choose_shared_prompt, encode_answers, encode_ranked_row,
+                                   choose_shared_prompt, encode_ranked_row,
                                    packed_scores, reward_tokenizer, score_groups,
                                    score_sequences, sequence_scores)
 from pipeline.runtime import StageRun, stage_precision
 from pipeline.tokenizer import load_tokenizer
-from pipeline.world.cache import WorldSection, train_and_eval_files
+from pipeline.world.cache import WorldSection, train_and_eval_files, world_file
 
 
 class ModelSection(ModelDtypeSection):
@@ -76,6 +89,10 @@ class DataSection(HeldOutHubDataSection):
     columns: dict[str, str] = Field(default_factory=dict, description="our column name → yours, "
                                     "e.g. {chosen: better, rejected: worse}")
     world: WorldSection = Field(default_factory=WorldSection)
+    answers: Literal["template", "policy", "both"] = Field(
+        "template", description="what the train rankings rank: the answers of train_files (the "
+        "world's template answers by default), the parent policy's own answers sampled and "
+        "labeled first (see policy_answers), or both")
     max_length: int = Field(256, ge=8, description="tokens per prompt + answer")
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="a longer prompt + answer: keep its last max_length tokens (the "
@@ -88,17 +105,41 @@ class LossSection(Section):
 
 
 class NormalizeSection(Section):
+    """With `sft_samples`, set the sampling fields to the PPO stage's (its `generation` section and
+    `data.max_prompt_tokens`): the answers are then scored exactly as PPO will score them."""
+
     answers: Literal["sft_samples", "best_ranked"] = Field(
         "sft_samples", description="answers that score 0 on average after training: samples of the "
         "parent model on eval prompts, or the best-ranked eval answers")
     prompts: int = Field(64, ge=1, description="eval prompts sampled (sft_samples)")
+    max_prompt_tokens: int = Field(96, ge=1, description="prompt tokens kept, chat framing "
+                                   "included (sft_samples; PPO's data.max_prompt_tokens)")
     max_new_tokens: int = Field(64, ge=1, description="answer length limit (sft_samples)")
     temperature: float = Field(0.7, ge=0, description="sampling temperature, 0 = greedy (sft_samples)")
+    top_k: int = Field(0, ge=0, description="0 = no top-k filtering (sft_samples)")
+    top_p: float = Field(1.0, gt=0, le=1, description="1 = no nucleus filtering (sft_samples)")
+
+
+class PolicyAnswersSection(Section):
+    """The parent's own answers as reward data (data.answers policy or both): K answers per train
+    prompt, sampled with the `normalize` section's settings (PPO's), ranked by the world's gold
+    labeler. Collected once per parent and settings into the registry home's data cache."""
+
+    prompts_file: str | None = Field(None, description="JSONL of train prompts; empty = the "
+                                     "world's reward_train.jsonl")
+    prompts: int = Field(1000, ge=1, description="the first N prompts of the file")
+    k: int = Field(4, ge=2, description="answers sampled per prompt")
+    labeler: Literal["gold"] = Field("gold", description="who ranks them: the world's simulated "
+                                     "labeler (people rank with `rlhf data collect` and "
+                                     "`rlhf label`)")
+    labeler_temperature: float = Field(0.0, ge=0, description="Plackett-Luce temperature of the "
+                                       "labeler's disagreement; 0 = the gold order")
 
 
 class Config(StageConfig):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
+    policy_answers: PolicyAnswersSection = Field(default_factory=PolicyAnswersSection)
     loss: LossSection = Field(default_factory=LossSection)
     normalize: NormalizeSection = Field(default_factory=NormalizeSection)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -135,6 +176,12 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     tokenizer = reward_tokenizer(source, trust_remote_code=trust, revision=parents["model"].revision)
     check_chat_model(source, tokenizer, "model.source", config.data.max_length)
     train_files, eval_files = train_and_eval_files(registry, config.data, "reward")
+    collected = []
+    if config.data.answers != "template":
+        collected = [policy_answers_file(registry, config, policy)
+                     for policy in answer_sources(parents)]
+        train_files = [*(train_files if config.data.answers == "both" else []),
+                       *map(str, collected)]
     train_set, eval_set = load_splits(tokenizer, train_files, eval_files, config)
     stage_run = StageRun.open("reward", config, registry, parents=parents,
                               data_fingerprint=data_fingerprint(train_files, eval_files, None),
@@ -142,11 +189,16 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     if stage_run.reused:
         return stage_run.run
     with stage_run:
-        return _train(stage_run, config, tokenizer, train_set, eval_set, parents["model"])
+        return _train(stage_run, config, tokenizer, train_set, eval_set, parents["model"],
+                      ppo_policy=answer_sources(parents)[-1],
+                      policy_answers=[{"file": str(path), **read_provenance(path)}
+                                      for path in collected])
 
 
 def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set: RankedSet,
-           parent: Resolved) -> Run:
+           parent: Resolved, ppo_policy: Resolved, policy_answers: list[dict]) -> Run:
+    """`parent` initializes the model; `ppo_policy` (the policy PPO will start from: the parent,
+    or in a later round the last round's PPO policy) gives the answers normalized to 0."""
     stage_run.say(f"reward: {train_set.describe('train', config.data)}; "
                   f"{eval_set.describe('eval', config.data)}")
     model = _reward_model(stage_run, config, tokenizer, parent)
@@ -174,7 +226,7 @@ def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set:
         eval_fn=eval_fn, tokens_in=lambda batch: int(batch["attention_mask"].sum()), desc="reward")
 
     reward_model = merge_adapter(model)  # LoRA folded in: the published model is a plain classifier
-    normalization = normalization_shift(reward_model, tokenizer, eval_set, config, parent)
+    normalization = normalization_shift(reward_model, eval_set, config, ppo_policy)
     # The final eval scored the held-out answers already (with LoRA, before the merge, which
     # changes no score beyond rounding): the shift only moves them.
     metrics = scores_metrics(final_scores, eval_set, shift=normalization["shift"])
@@ -182,7 +234,7 @@ def _train(stage_run, config: Config, tokenizer, train_set: RankedSet, eval_set:
     stage_run.say(describe_metrics(metrics, normalization))
     summary = {**metrics, "shift": normalization["shift"], "normalization": normalization,
                **train_set.report("train"), **eval_set.report("eval"),
-               "lora": config.lora.enabled}
+               "lora": config.lora.enabled, "policy_answers": policy_answers}
     marker = reward_marker(metrics, normalization, config)
     stage_run.publish(reward_model, tokenizer, summary=summary,
                       extra_writer=lambda directory: write_marker(directory, marker))
@@ -210,6 +262,42 @@ def _reward_model(stage_run, config: Config, tokenizer, parent: Resolved):
 
 
 # -- data ---------------------------------------------------------------------------------------
+def answer_sources(parents: dict[str, Resolved]) -> list[Resolved]:
+    """The policies whose answers are collected: the parent, then the `answers_from_K` parents
+    (the PPO policy of each earlier round, when a pipeline runs several)."""
+    later = sorted((role for role in parents if role.startswith("answers_from_")),
+                   key=lambda role: int(role.rpartition("_")[2]))
+    return [parents["model"], *(parents[role] for role in later)]
+
+
+def policy_answers_file(registry: Registry, config: Config, policy: Resolved) -> Path:
+    """The policy's answers to the train prompts, ranked (`pipeline.data.collect`): sampled the
+    first time, then read from the registry home's data cache."""
+    section = config.policy_answers
+    prompts_file = section.prompts_file or str(world_file(registry, config.data.world,
+                                                          "reward_train.jsonl"))
+    sampling = normalize_sampling(config.normalize)
+    key = {"policy": policy.run.id if policy.run else fingerprint_files(policy.path),
+           "prompts": fingerprint_files(prompts_file), "settings": section.model_dump(),
+           "sampling": asdict(sampling), "max_prompt_tokens": config.normalize.max_prompt_tokens,
+           "seed": config.seed}
+
+    def make():
+        prompts = read_chat_prompts(prompts_file)[:section.prompts]
+        labeler = make_labeler(section.labeler, section.labeler_temperature, config.seed)
+        check_request(prompts, section.k, labeler)
+        model, tokenizer = load_policy(policy, config)
+        collected = collect(model, tokenizer, prompts, section.k, sampling, labeler,
+                            seed=config.seed, max_prompt_tokens=config.normalize.max_prompt_tokens,
+                          progress="reward: sample answers to normalize")
+        print(describe(collected.counts, labeler.report()), file=sys.stderr, flush=True)
+        return collected, {"policy": {"path": policy.path,
+                                      "run": policy.run.id if policy.run else None},
+                           "prompts": prompts_file, "labeler": labeler.report()}
+
+    return cached_collection(registry, key, make)
+
+
 def load_splits(tokenizer, train_files: list[str], eval_files: list[str],
                 config: Config) -> tuple[RankedSet, RankedSet]:
     """Read and encode both splits; without eval files, hold out `eval_fraction` of the prompts."""
@@ -329,31 +417,50 @@ def flat_metrics(metrics: dict, scale_free: bool) -> dict[str, float]:
             for rank, value in metrics["mean_score_by_rank"].items()}
 
 
-def normalization_shift(model, tokenizer, eval_set: RankedSet, config: Config,
-                        parent: Resolved) -> dict:
-    """The mean raw score of the SFT answers (see the module docstring), and what it was taken on."""
+def normalization_shift(model, eval_set: RankedSet, config: Config, policy: Resolved) -> dict:
+    """The mean raw score of the SFT answers (see the module docstring), and what it was taken on.
+
+    Sampled answers are scored as PPO scores them: the prompt as encoded for sampling (its last
+    max_prompt_tokens tokens), then the sampled tokens through the EOS, read at the EOS. Answers
+    that never end are left out, since PPO gives those its missing-EOS penalty instead of the
+    reward model's score (unless none ends: then every answer counts, read at its last token).
+    """
     norm = config.normalize
     if norm.answers == "best_ranked":
         seqs = [seq for seqs, row in zip(eval_set.sequences, eval_set.rows)
                 for seq, rank in zip(seqs, row["ranks"]) if rank == 0]
+        unended = 0
     else:
         prompts = [row["prompt"] for row in eval_set.rows[:norm.prompts]]
-        answers = sample_parent(parent, prompts, config)
-        seqs, _ = encode_answers(tokenizer, prompts, answers, config.data.max_length)
+        answers = sample_policy(policy, prompts, config)
+        seqs = [answer.token_ids for answer in answers if answer.ended] or \
+            [answer.token_ids for answer in answers]
+        unended = sum(not answer.ended for answer in answers)
     scores = score_sequences(model, seqs, batch_size=score_batch_size(config),
                              progress="reward: score answers to normalize")
-    return {"shift": float(np.mean(scores)), "answers": norm.answers, "count": len(seqs)}
+    return {"shift": float(np.mean(scores)), "answers": norm.answers, "count": len(seqs),
+            "unended": unended}
 
 
-def sample_parent(parent: Resolved, prompts: list, config: Config) -> list[str]:
-    """Answers of the parent model to `prompts` (with its own tokenizer), seeded."""
+def sample_policy(policy: Resolved, prompts: list, config: Config) -> list[Answer]:
+    """Answers of `policy` to `prompts` (with its own tokenizer), seeded."""
+    model, tokenizer = load_policy(policy, config)
+    return sample_answers(model, tokenizer, prompts, normalize_sampling(config.normalize),
+                          seed=config.seed, max_prompt_tokens=config.normalize.max_prompt_tokens,
+                          progress="reward: sample answers to normalize")
+
+
+def load_policy(policy: Resolved, config: Config):
+    """A policy as a causal LM that samples, with its own tokenizer."""
     trust = config.runtime.trust_remote_code
-    policy = load_causal_lm(parent, trust_remote_code=trust, trainable_adapter=False)
-    tokenizer = load_tokenizer(parent.path, trust_remote_code=trust, revision=parent.revision)
-    sampling = SamplingConfig(max_new_tokens=config.normalize.max_new_tokens,
-                              temperature=config.normalize.temperature)
-    return sample(policy, tokenizer, prompts, sampling, seed=config.seed,
-                  progress="reward: sample answers to normalize")
+    model = load_causal_lm(policy, trust_remote_code=trust, trainable_adapter=False)
+    return model, load_tokenizer(policy.path, trust_remote_code=trust,
+                                 revision=policy.revision)
+
+
+def normalize_sampling(norm: NormalizeSection) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=norm.max_new_tokens, temperature=norm.temperature,
+                          top_k=norm.top_k, top_p=norm.top_p)
 
 
 def describe_metrics(metrics: dict, normalization: dict) -> str:

@@ -6,7 +6,8 @@ registry, and resume interrupted work.
     rlhf resume [RUN]
 
 A pipeline YAML names, per stage, a config file and overrides, plus an optional `seed` (given to
-every stage) and `start` (a model reference to begin from instead of pretraining):
+every stage), `start` (a model reference to begin from instead of pretraining) and `rounds`
+(collect → reward → ppo again from the last policy: steps `reward.2`, `ppo.2`, ...):
 
     seed: 0
     start: null
@@ -63,6 +64,10 @@ StagesSection = create_model(
 
 class PipelineConfig(Section):
     seed: int | None = Field(None, description="when set, the seed of every stage")
+    rounds: int = Field(1, ge=1, description="collect → reward → ppo this many times: round r "
+                        "trains a reward model on the answers of the SFT policy and of every "
+                        "earlier round's PPO policy, then PPO from the last policy (needs "
+                        "stages.reward data.answers policy or both)")
     start: str | None = Field(None, description="begin from this model (run id, STAGE:latest, "
                                                 "alias, directory or hub name) instead of "
                                                 "pretraining")
@@ -75,18 +80,44 @@ class Plan:
     order, and which of them to run (the others come from the registry)."""
 
     configs: dict[str, StageConfig]
-    selected: list[str]
+    selected: list[str]  # steps: stage names, and `reward.2`, `ppo.2`, ... in later rounds
     start: str | None = None
+    rounds: int = 1
+
+    def steps(self) -> list[str]:
+        """Every step of the chain in order: the stages, then each later round's reward and ppo."""
+        return chain_steps(list(self.configs), self.rounds)
 
     def as_config(self) -> dict:
-        return {"start": self.start, "selected": self.selected,
+        return {"start": self.start, "selected": self.selected, "rounds": self.rounds,
                 "stages": {name: to_dict(config) for name, config in self.configs.items()}}
 
     def digest(self) -> str:
-        """Same stage configs (checkpoint cadence aside), start and selection → same pipeline."""
+        """Same stage configs (checkpoint cadence aside), start, rounds and selection → same
+        pipeline."""
         data = {"start": self.start, "selected": self.selected,
                 "stages": {name: config_hash(config) for name, config in self.configs.items()}}
+        if self.rounds > 1:  # one round is how every pipeline ran before rounds existed
+            data["rounds"] = self.rounds
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+ROUND_STAGES = ("reward", "ppo")  # what each round after the first runs again
+
+
+def chain_steps(stages: list[str], rounds: int) -> list[str]:
+    """[..., "reward", "ppo"] and 3 rounds → [..., "reward", "ppo", "reward.2", "ppo.2",
+    "reward.3", "ppo.3"]."""
+    return [*stages, *(f"{stage}.{round_}" for round_ in range(2, rounds + 1)
+                       for stage in ROUND_STAGES)]
+
+
+def stage_of(step: str) -> str:
+    return step.partition(".")[0]
+
+
+def round_of(step: str) -> int:
+    return int(step.partition(".")[2] or 1)
 
 
 # -- building a plan ------------------------------------------------------------------------------
@@ -205,16 +236,21 @@ def plan_from_yaml(path: str | Path, overrides: list[str], from_stage: str | Non
     (nothing is registered yet)."""
     path, base = pipeline_source(str(path))
     pipeline_config, per_stage = load_pipeline_config(path, overrides)
-    chain = chain_stages(pipeline_config.start)
+    rounds = pipeline_config.rounds
+    chain = chain_steps(chain_stages(pipeline_config.start), rounds)
     selected = select_stages(chain, from_stage, only)
     configs = {name: stage_config(name, getattr(pipeline_config.stages, name),
                                   pipeline_config.seed, per_stage.get(name, []), str(path), base)
-               for name in reached(chain, selected)}
+               for name in dict.fromkeys(map(stage_of, reached(chain, selected)))}
+    if rounds > 1 and "reward" in configs and configs["reward"].data.answers == "template":
+        raise UserError(f"{path}: rounds: {rounds} retrains the reward model on each round's "
+                        f"policy answers, but stages.reward has data.answers: template; set it "
+                        f"to policy or both (on the command line: reward.data.answers=both)")
     unused = sorted(set(per_stage) - set(configs))
     if unused:
         say(f"note: the overrides for {', '.join(unused)} are not used: this execution stops at "
             f"{selected[-1]}")
-    return Plan(configs, selected, pipeline_config.start)
+    return Plan(configs, selected, pipeline_config.start, rounds)
 
 
 def plan_from_run(run: Run) -> Plan:
@@ -222,7 +258,7 @@ def plan_from_run(run: Run) -> Plan:
     stored = run.config
     configs = {name: validate(STAGES[name].load().Config, config, f"run {run.id} (stages.{name})")
                for name, config in stored["stages"].items()}
-    return Plan(configs, list(stored["selected"]), stored.get("start"))
+    return Plan(configs, list(stored["selected"]), stored.get("start"), stored.get("rounds", 1))
 
 
 # -- executing a plan -----------------------------------------------------------------------------
@@ -247,16 +283,17 @@ def execute(plan: Plan, registry: Registry, *, restart: bool = False) -> Run | N
         outputs[name] = Resolved(run.model_path, run)
         record[name] = {"run": run.id, "how": how, "seconds": round(time.time() - started, 2)}
 
-    names = reached(list(plan.configs), plan.selected)
+    names = reached(plan.steps(), plan.selected)
     for name in names[: names.index(plan.selected[0])]:
-        done(name, from_registry(name, plan.configs[name], registry, parents_of(name, outputs)),
-             "registry", time.time())
+        done(name, from_registry(stage_of(name), plan.configs[stage_of(name)], registry,
+                                 parents_of(name, outputs)), "registry", time.time())
     pipeline = open_pipeline_run(registry, plan, start, restart) if is_main_process() else None
     try:
         for name in plan.selected:
             started = time.time()
-            run, how = run_stage(name, plan.configs[name], registry, parents_of(name, outputs),
-                                 restart, pipeline.id if pipeline else None)
+            run, how = run_stage(name, plan.configs[stage_of(name)], registry,
+                                 parents_of(name, outputs), restart,
+                                 pipeline.id if pipeline else None)
             done(name, run, how, started)
             if pipeline:
                 registry.update_summary(pipeline.id, {"stages": record})
@@ -273,9 +310,21 @@ def execute(plan: Plan, registry: Registry, *, restart: bool = False) -> Run | N
     return registry.get(pipeline.id)
 
 
-def parents_of(name: str, outputs: dict[str, Resolved]) -> dict[str, Resolved]:
-    """A stage's parents: the upstream outputs of this pipeline, by role."""
-    return {role: outputs[upstream] for role, upstream in STAGES[name].inputs.items()}
+def parents_of(step: str, outputs: dict[str, Resolved]) -> dict[str, Resolved]:
+    """A step's parents: the upstream outputs of this pipeline, by role. In round r > 1 the
+    reward model also samples every earlier round's PPO policy (`answers_from_K`), and PPO starts
+    from the last round's policy."""
+    stage, round_ = stage_of(step), round_of(step)
+    parents = {role: outputs[upstream] for role, upstream in STAGES[stage].inputs.items()}
+    if round_ > 1 and stage == "reward":
+        parents.update({f"answers_from_{k}": outputs[ppo_step(k)] for k in range(1, round_)})
+    elif round_ > 1 and stage == "ppo":
+        parents.update(policy=outputs[ppo_step(round_ - 1)], reward=outputs[f"reward.{round_}"])
+    return parents
+
+
+def ppo_step(round_: int) -> str:
+    return "ppo" if round_ == 1 else f"ppo.{round_}"
 
 
 def open_pipeline_run(registry: Registry, plan: Plan, start: Resolved | None,
@@ -294,13 +343,14 @@ def open_pipeline_run(registry: Registry, plan: Plan, start: Resolved | None,
     return run
 
 
-def run_stage(name: str, config: StageConfig, registry: Registry, parents: dict[str, Resolved],
+def run_stage(step: str, config: StageConfig, registry: Registry, parents: dict[str, Resolved],
               restart: bool, pipeline_id: str | None) -> tuple[Run, str]:
-    """Run one stage with the given parents; says whether it was new, resumed or reused."""
-    before = {run.id: run.status for run in registry.runs(name)}
-    say(f"== {name} ==")
-    run = STAGES[name].load().run(config, registry, restart=restart, pipeline_id=pipeline_id,
-                                  parents=parents)
+    """Run one step's stage with the given parents; says whether it was new, resumed or reused."""
+    stage = stage_of(step)
+    before = {run.id: run.status for run in registry.runs(stage)}
+    say(f"== {step} ==")
+    run = STAGES[stage].load().run(config, registry, restart=restart, pipeline_id=pipeline_id,
+                                   parents=parents)
     if run.id not in before:
         return run, "new"
     return run, "reused" if before[run.id] == "completed" else "resumed"

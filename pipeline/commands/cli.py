@@ -315,6 +315,32 @@ def _add_data(commands) -> None:
                       help="answer length limit (default: the run's eval.max_new_tokens, else 64)")
     gold.add_argument("--json", action="store_true", help=JSON_HELP)
     gold.set_defaults(handler=_lazy("pipeline.commands.gold_score", "cmd_gold_score"))
+    collect = sub.add_parser(
+        "collect", help="sample K answers per prompt from a policy; rank them (reward data)",
+        description="Sample K answers per prompt as PPO samples them (the PPO config's generation "
+        "settings) and write them as ranked rows for `rlhf run reward`, ranked by the world's gold "
+        "labeler, or unranked for `rlhf label` (labeler people). Writes OUT and OUT.provenance; "
+        "registers nothing.")
+    collect.add_argument("policy", help="the policy (run id, STAGE:latest, alias, directory)")
+    collect.add_argument("--out", required=True, help="ranked JSONL written (replaced)")
+    collect.add_argument("--prompts", default="world", help="JSONL of {\"prompt\": ...}, or "
+                         "'world': the embedded world's reward_train.jsonl prompts (default)")
+    collect.add_argument("--n", type=number_option(int, low=1), help="use the first N prompts "
+                         "(default: all)")
+    collect.add_argument("--k", type=int, default=4, help="answers sampled per prompt (2 or more)")
+    collect.add_argument("--config", help="PPO YAML whose generation settings sample the answers "
+                         "(default: the PPO stage's defaults)")
+    collect.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="PPO config overrides, e.g. generation.temperature=1.0")
+    collect.add_argument("--labeler", default="gold", help="gold (the world's simulated labeler) "
+                         "or people (left unranked for `rlhf label`)")
+    collect.add_argument("--labeler-temperature", type=number_option(float, low=0), default=0.0,
+                         help="gold labeler's Plackett-Luce temperature: 0 = the gold order; "
+                         "higher disagrees more (about 0.4: InstructGPT's 73%% agreement, on the "
+                         "tiny SFT policy's answers); the agreement is reported")
+    collect.add_argument("--seed", type=seed_option, default=0,
+                         help="seed of the sampling and of the labeler's noise")
+    collect.set_defaults(handler=_lazy("pipeline.commands.collect", "cmd_collect"))
 
 
 def _add_score(commands) -> None:

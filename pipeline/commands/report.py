@@ -254,6 +254,9 @@ def write_report(registry: Registry, run: Run, out: Path) -> Report:
         data["reward"] = _reward(card, runs["reward"], metrics["reward"], out)
     if "ppo" in runs:
         _ppo(card, metrics["ppo"], out)
+    rounds = round_rows(registry, run)
+    if rounds:
+        data["rounds"] = _rounds(card, rounds)
     settings = gold_settings(registry, runs)
     if settings is not None:
         data["gold"] = _gold(card, registry, runs, settings, out)
@@ -316,6 +319,49 @@ def _ppo(card: Card, metrics: dict, out: Path) -> None:
         return
     plot_panels(panels, out / "ppo.png")
     card.add("img", ("ppo.png", "PPO: reward-model score, KL, entropy and answer length"))
+
+
+ROUND_COLUMNS = {  # column → (step of the round, its summary key)
+    "reward accuracy": ("reward", "pairwise_accuracy"),
+    "gold (greedy)": ("ppo", "gold_end/mean_gold_score"),
+    "gold (sampled)": ("ppo", "gold_sampled_end/mean_gold_score"),
+    "count accuracy": ("ppo", "gold_end/count_accuracy"),
+    "RM score": ("ppo", "rm_score_mean_end"),
+    "KL": ("ppo", "kl_end"),
+}
+
+
+def round_rows(registry: Registry, run: Run) -> dict[int, dict]:
+    """{round: {column: value}} from the reward and PPO runs of a pipeline with several rounds
+    (steps `reward`, `ppo`, `reward.2`, `ppo.2`, ...); {} for anything else."""
+    steps = run.summary.get("stages", {}) if run.stage == PIPELINE_STAGE else {}
+    if "ppo.2" not in steps:
+        return {}
+    rows: dict[int, dict] = {}
+    for step, entry in steps.items():
+        stage, _, number = step.partition(".")
+        if stage in ("reward", "ppo"):
+            summary = registry.get(entry["run"]).summary
+            row = rows.setdefault(int(number or 1), {})
+            row.update({column: summary.get(key) for column, (source, key)
+                        in ROUND_COLUMNS.items() if source == stage})
+            if stage == "ppo" and int(number or 1) == 1:
+                rows[0] = {"gold (greedy)": summary.get("gold_start/mean_gold_score"),
+                           "gold (sampled)": summary.get("gold_sampled_start/mean_gold_score"),
+                           "count accuracy": summary.get("gold_start/count_accuracy")}
+    return dict(sorted(rows.items()))
+
+
+def _rounds(card: Card, rounds: dict[int, dict]) -> dict:
+    card.add("h2", "Rounds")
+    card.add("p", "Each round collects the latest policy's answers, trains a reward model on every "
+                  "round's answers so far and runs PPO from the latest policy. Round 0 is the SFT "
+                  "policy PPO started from; gold on the held-out prompts, RM score and KL at the "
+                  "end of each round's PPO.")
+    card.add("table", (["round", *ROUND_COLUMNS],
+                       [[number, *(number_text(row.get(column)) for column in ROUND_COLUMNS)]
+                        for number, row in rounds.items()]))
+    return {str(number): row for number, row in rounds.items()}
 
 
 def _gold(card: Card, registry: Registry, runs: dict[str, Run], settings: GoldSettings,

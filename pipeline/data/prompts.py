@@ -2,6 +2,8 @@
 
 - `read_prompts`: text prompts (the gold evals, whose scorer reads the question as text).
 - `read_chat_prompts`: text or chat messages ending with the user's turn (`rlhf label`).
+- `collected_answers`: the answers a row brings along (`rlhf data collect --labeler people`), which
+  `rlhf label` shows instead of sampling its own.
 """
 
 from __future__ import annotations
@@ -51,3 +53,20 @@ def checked_prompt(value: Any, record: Record) -> Prompt:
         raise UserError(f"{record.where}: 'prompt' must be non-empty text or a list of chat "
                         "messages; fix the row")
     return value
+
+
+def collected_answers(path: str | Path) -> dict[int, list[str]]:
+    """{prompt index: its answers} for the rows of a prompts file that carry "responses" (two or
+    more different, non-empty texts), indexed as `read_chat_prompts` orders the prompts."""
+    found = {}
+    for index, (line, row) in enumerate(read_jsonl(path)):
+        answers = row.get("responses")
+        if answers is None:
+            continue
+        if not isinstance(answers, list) or not all(isinstance(a, str) and a.strip()
+                                                    for a in answers) \
+                or len(set(answers)) < 2 or len(set(answers)) != len(answers):
+            raise UserError(f"{path}:{line}: 'responses' must be a list of two or more different, "
+                            "non-empty answers; fix the row or remove the field to sample answers")
+        found[index] = answers
+    return found

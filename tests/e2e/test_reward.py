@@ -97,8 +97,11 @@ def test_summary_marker_and_plain_transformers_load(trained):
     marker = json.loads((model_dir / "reward_model.json").read_text())
     assert marker["kind"] == "reward_model"
     assert marker["shift"] == summary["shift"]
-    assert summary["normalization"] == {"shift": summary["shift"], "answers": "sft_samples",
-                                        "count": 4}
+    normalization = summary["normalization"]
+    assert normalization["shift"] == summary["shift"]
+    assert normalization["answers"] == "sft_samples"
+    # Ended answers only, as PPO scores them; all four when none ended.
+    assert normalization["count"] == (4 - normalization["unended"] or 4)
     for key in ("pairwise_accuracy", "accuracy_by_gap", "mean_score_by_rank", "kendall_tau"):
         assert key in summary and key in marker["metrics"]
     assert summary["train_prompts"] == 48 and summary["eval_prompts"] == 24

@@ -117,6 +117,8 @@ BAD_FILES: dict[str, bytes] = {
     "prompts_empty_prompt.jsonl": b'{"prompt": "  "}\n',
     "prompts_no_prompt.jsonl": b'{"question": "Legs?"}\n',
     "prompts_ok.jsonl": b'{"prompt": "How many legs do two cows have?"}\n',
+    "prompts_held_out.jsonl": b'{"prompt": "How many legs do 2 cows have?"}\n'
+                              b'{"prompt": "How many legs do 3 chickens have?"}\n',
     # registry homes
     "garbage_home/registry.db": b"this is not a database\n" * 64,
     "empty_home/.keep": b"",
@@ -200,6 +202,8 @@ GENERATE = ["generate", "{run}", "--prompt", "Legs?"]
 LABEL = ["label", "--policy", "{run}", "--prompts", "{bad}/prompts_ok.jsonl", "--out",
          "{bad}/labels.jsonl"]
 SCORE = ["score", "{reward_run}"]
+COLLECT = ["data", "collect", "{run}", "--prompts", "{bad}/prompts_ok.jsonl", "--out",
+           "{bad}/collected.jsonl"]
 PIPELINE = ["pipeline", "run", "configs/tiny/pipeline.yaml"]
 
 # Each category: what the issue asks the catalogue to cover systematically.
@@ -281,6 +285,13 @@ CATALOGUE: dict[str, list[Row]] = {
             "'trian' is neither a stage nor a pipeline key"),
         Row("pipeline-stage-override-bad", [*PIPELINE, "sft.train.lr=-1"],
             "(stages.sft): train.lr must be more than 0"),
+        Row("pipeline-rounds-on-template-data", [*PIPELINE, "rounds=2"],
+            "rounds: 2 retrains the reward model on each round's policy answers"),
+        Row("pipeline-zero-rounds", [*PIPELINE, "rounds=0"], "rounds must be at least 1"),
+        Row("pipeline-from-a-round-not-run", [*PIPELINE, "rounds=2", "reward.data.answers=both",
+                                              "--from", "ppo.3"], "--from ppo.3: no such stage"),
+        Row("reward-unknown-labeler", [*PIPELINE, "reward.policy_answers.labeler=robot"],
+            "policy_answers.labeler must be 'gold', got 'robot'"),
         Row("show-unknown-run", ["registry", "show", "nosuch"], "no run 'nosuch'"),
         Row("lineage-unknown-run", ["registry", "lineage", "nosuch"], "no run 'nosuch'"),
         Row("verify-unknown-run", ["registry", "verify", "nosuch"], "no run 'nosuch'"),
@@ -469,6 +480,21 @@ CATALOGUE: dict[str, list[Row]] = {
         Row("label-policy-is-a-reward-model", ["label", "--policy", "{reward_run}", "--prompts",
                                                "{bad}/prompts_ok.jsonl", "--out",
                                                "{bad}/labels.jsonl"], "--policy: "),
+        Row("collect-from-a-reward-model", ["data", "collect", "{reward_run}", "--prompts",
+                                            "{bad}/prompts_ok.jsonl", "--out",
+                                            "{bad}/collected.jsonl"], "POLICY: "),
+        Row("collect-policy-never-ends", [*COLLECT, "generation.max_new_tokens=2",
+                                          "generation.min_new_tokens=2"],
+            "the policy ended none of its 4 answers"),
+        Row("collect-one-answer", [*COLLECT, "--k", "1"], "a ranking needs at least 2"),
+        Row("collect-no-prompts", ["data", "collect", "{run}", "--prompts", "{bad}/empty.jsonl",
+                                   "--out", "{bad}/collected.jsonl"], "the file has no rows"),
+        Row("collect-unknown-labeler", [*COLLECT, "--labeler", "robot"],
+            "unknown labeler 'robot'; choose one of: gold, people"),
+        Row("collect-held-out-prompt", ["data", "collect", "{run}", "--prompts",
+                                        "{bad}/prompts_held_out.jsonl", "--out",
+                                        "{bad}/collected.jsonl"],
+            "prompt 2 asks about held-out legs (3 chicken)"),
     ],
     # -- every data format with each of its fields wrong ------------------------------------
     "data formats": [

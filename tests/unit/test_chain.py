@@ -200,7 +200,8 @@ def fake(monkeypatch):
 
 def full_plan(**kwargs) -> Plan:
     names = [n for n in STAGES if not (kwargs.get("start") and n == "pretrain")]
-    return Plan({name: StageConfig() for name in names}, kwargs.pop("selected", names), **kwargs)
+    steps = chain.chain_steps(names, kwargs.get("rounds", 1))
+    return Plan({name: StageConfig() for name in names}, kwargs.pop("selected", steps), **kwargs)
 
 
 def test_each_stage_gets_this_pipelines_runs_as_parents(fake, registry):
@@ -273,6 +274,44 @@ def test_start_replaces_pretraining_and_is_recorded_as_a_run_id(fake, registry, 
     assert pipeline.config["start"] == base.id and pipeline.parent_runs == {"start": base.id}
 
 
+def test_rounds_sample_every_earlier_policy_and_ppo_from_the_last(fake, registry):
+    pipeline = execute(full_plan(rounds=3), registry)
+    runs = {name: entry["run"] for name, entry in pipeline.summary["stages"].items()}
+    assert list(runs) == ["pretrain", "sft", "reward", "ppo", "reward.2", "ppo.2", "reward.3",
+                          "ppo.3"]
+    assert fake.calls[4:] == [
+        ("reward", {"model": runs["sft"], "answers_from_1": runs["ppo"]}),
+        ("ppo", {"policy": runs["ppo"], "reward": runs["reward.2"]}),
+        ("reward", {"model": runs["sft"], "answers_from_1": runs["ppo"],
+                    "answers_from_2": runs["ppo.2"]}),
+        ("ppo", {"policy": runs["ppo.2"], "reward": runs["reward.3"]})]
+    assert len(set(runs.values())) == 8  # each round its own registry runs
+    assert pipeline.summary["final_run"] == runs["ppo.3"]
+
+
+def test_from_a_later_round_takes_the_earlier_rounds_from_the_registry(fake, registry):
+    first = execute(full_plan(rounds=2), registry)
+    runs = {name: entry["run"] for name, entry in first.summary["stages"].items()}
+    fake.calls.clear()
+    again = execute(full_plan(rounds=2, selected=["ppo.2"]), registry)
+    assert fake.calls == [("ppo", {"policy": runs["ppo"], "reward": runs["reward.2"]})]
+    assert again.summary["stages"]["reward.2"]["how"] == "registry"
+    assert again.summary["final_run"] == runs["ppo.2"]
+
+
+def test_rounds_need_reward_data_from_the_policy(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(UserError, match="rounds: 2 retrains the reward model on each round's "
+                                        "policy answers"):
+        plan_from_yaml("configs/tiny/pipeline.yaml", ["rounds=2"])
+    plan = plan_from_yaml("configs/tiny/pipeline.yaml",
+                          ["rounds=2", "reward.data.answers=both"], from_stage="reward.2")
+    assert plan.selected == ["reward.2", "ppo.2"] and plan.rounds == 2
+    assert Plan(plan.configs, plan.selected, rounds=1).digest() != plan.digest()
+    assert plan_from_yaml("configs/tiny/pipeline.yaml", ["rounds=2"], only="sft").selected == \
+        ["sft"]  # the reward stage is not reached: nothing to check
+
+
 def test_resume_without_anything_unfinished_says_so(registry, make_run, capsys):
     make_run("pretrain")  # completed: nothing to resume
     chain.cmd_resume(SimpleNamespace(home=str(registry.home), run=None))
@@ -324,3 +363,31 @@ def test_an_unknown_preset_names_the_presets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"tinny: no such file, and not a preset \(presets: .*tiny"):
         plan_from_yaml("tinny", [])
+
+
+def test_the_report_card_has_a_row_per_round(registry, make_run):
+    from pipeline.commands.report import round_rows
+
+    def run_with(stage: str, summary: dict) -> dict:
+        run = make_run(stage, publish=False)
+        registry.set_status(run.id, "completed", summary=summary)
+        return {"run": run.id}
+
+    ppo_1 = {"gold_start/mean_gold_score": 0.60, "gold_sampled_start/mean_gold_score": 0.55,
+             "gold_start/count_accuracy": 0.3, "gold_end/mean_gold_score": 0.65,
+             "gold_sampled_end/mean_gold_score": 0.62, "rm_score_mean_end": 1.2, "kl_end": 3.0}
+    ppo_2 = {"gold_end/mean_gold_score": 0.70, "kl_end": 2.0}
+    steps = {"reward": run_with("reward", {"pairwise_accuracy": 0.9}), "ppo": run_with("ppo", ppo_1),
+             "reward.2": run_with("reward", {"pairwise_accuracy": 0.8}),
+             "ppo.2": run_with("ppo", ppo_2)}
+    pipeline = make_run(PIPELINE_STAGE, publish=False)
+    registry.set_status(pipeline.id, "completed", summary={"stages": steps})
+    rows = round_rows(registry, registry.get(pipeline.id))
+    assert list(rows) == [0, 1, 2]
+    assert rows[0] == {"gold (greedy)": 0.60, "gold (sampled)": 0.55, "count accuracy": 0.3}
+    assert rows[1]["reward accuracy"] == 0.9 and rows[1]["gold (sampled)"] == 0.62
+    assert rows[2] == {"reward accuracy": 0.8, "gold (greedy)": 0.70, "gold (sampled)": None,
+                       "count accuracy": None, "RM score": None, "KL": 2.0}
+    single = make_run(PIPELINE_STAGE, publish=False)
+    registry.set_status(single.id, "completed", summary={"stages": {"ppo": steps["ppo"]}})
+    assert round_rows(registry, registry.get(single.id)) == {}

@@ -201,6 +201,26 @@ def test_set_score_bias_shifts_every_score_by_exactly_the_bias(parent):
     assert abs(shifted.mean().item()) < 1e-6
 
 
+def test_the_shift_is_taken_on_ended_answers_as_ppo_scores_them(monkeypatch):
+    """The sequences scored are the sampled token ids (prompt as encoded for sampling, answer
+    through its EOS), not a re-encoding; an answer that never ended is left out, as PPO gives it
+    the missing-EOS penalty instead of a reward-model score."""
+    from pipeline.generation import Answer
+    import stages.reward as reward
+
+    sampled = [Answer("six", True, [7, 8, 5, 2]), Answer("moo moo", False, [7, 8, 6, 6]),
+               Answer("eight", True, [7, 8, 9, 9, 2])]
+    monkeypatch.setattr(reward, "sample_policy", lambda policy, prompts, config: sampled)
+    scored = []
+    monkeypatch.setattr(reward, "score_sequences",
+                        lambda model, seqs, batch_size, progress: scored.extend(seqs) or
+                        [float(len(seq)) for seq in seqs])
+    eval_set = reward.RankedSet(rows=[{"prompt": "Legs?", "ranks": [0, 1]}] * 3)
+    result = reward.normalization_shift(None, eval_set, Config(), Resolved("parent"))
+    assert scored == [[7, 8, 5, 2], [7, 8, 9, 9, 2]]
+    assert result == {"shift": 4.5, "answers": "sft_samples", "count": 2, "unended": 1}
+
+
 def test_load_reward_model_applies_the_marker_shift(tmp_path, reward_parts):
     model, tokenizer = reward_parts
     published = tmp_path / "reward"

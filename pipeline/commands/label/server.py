@@ -9,6 +9,8 @@ ranked best to worst by a labeler. The "Rank" tab shows one prompt of the prompt
 {"prompt": text or chat messages}) and up to K different answers sampled for it; the labeler puts
 them in order (drag them, or press 1..K: each key places that answer next), may tie an answer with
 the one above it, and submits (Enter), skips (S) or flags (F, with an optional note) the prompt.
+A prompts row that carries its answers ("responses", as `rlhf data collect --labeler people`
+writes them) shows those answers instead of sampled ones.
 A ranking is appended to --out at once, in the ranked format of reward_data/README.md, and fsync'd
 before the page moves on; `pipeline.commands.label.store` describes the files and how a reopened session
 resumes after the prompts already done. The answers of a prompt are kept while the server runs, so
@@ -64,7 +66,7 @@ from starlette.staticfiles import StaticFiles
 from pipeline.commands.label.store import (LabelStore, checked_out_path, distinct_answers,
                                            labeler_agreement)
 from pipeline.data.formats import Record
-from pipeline.data.prompts import checked_prompt
+from pipeline.data.prompts import checked_prompt, collected_answers
 from pipeline.errors import UserError
 from pipeline.generation import (SamplingConfig, generate_kwargs, load_for_sampling, prompt_budget,
                                  sample)
@@ -420,8 +422,9 @@ def cmd_label(args) -> int:
     info = {"policy": args.policy, "reward": args.reward, "out": str(out),
             "feedback_out": str(feedback_out), "k": args.k, "temperature": sampling.temperature}
     team = args.host not in LOCAL_NAMES
-    labeling = Labeling(store, Models(model, tokenizer, sampling, args.seed, scorer), args.k, info,
-                        team=team)
+    models = Models(model, tokenizer, sampling, args.seed, scorer)
+    models.answers_of.update(collected_answers(args.prompts))  # collected rows: no sampling
+    labeling = Labeling(store, models, args.k, info, team=team)
     if scorer is not None:
         labeling.score_earlier_rows()
     # Served beyond this machine, the page is a team's: a new secret per server, in the link.
