@@ -265,7 +265,7 @@ def score_groups(model, groups: list[list[list[int]]], batch_size: int = 32,
                  shared_prompt: bool = True, progress: str = "") -> list[list[float]]:
     """Scores of each group's sequences (a group: one prompt's encoded answers), grouped alike.
 
-    With `shared_prompt` (see `shared_prompt_mismatch`) each group is packed into one row, so its
+    With `shared_prompt` (see `shared_prompt_mismatch`) each group is packed into one block, so its
     prompt is computed once; batches hold up to `batch_size` answers, groups of similar length.
     Without it, every answer is scored as its own sequence.
     """

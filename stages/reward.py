@@ -11,9 +11,10 @@ Re-running the same command after an interruption resumes from the last committe
 
 One example is one prompt with its K answers, each answer scored once per step (not once per
 pair side, as the K·(K−1) sequences of a pairwise expansion would). A micro-batch packs each prompt
-and its K answers into one row (`pipeline.data.packing.pack_shared_prompts`): the prompt's tokens
-are computed once, and a block attention mask with per-answer position ids gives every answer the
-score it has as its own sequence. A model whose attention takes no such mask gets the answers as
+and its K answers into one block, short blocks sharing a row
+(`pipeline.data.packing.pack_shared_prompts`): the prompt's tokens are computed once, and a block
+attention mask with per-answer position ids gives every answer the score it has as its own
+sequence. A model whose attention takes no such mask gets the answers as
 separate right-padded sequences instead, and the stage says so. Then
 `pipeline.ranking.kwise_ranking_loss` forms every strictly ordered pair of a prompt from the scores.
 Pairwise data is the K = 2 case.
@@ -352,9 +353,9 @@ def collate_rankings(sequences: list[list[list[int]]], rank_lists: list[list[int
     """One micro-batch's prompts, their answers scored in a single forward pass.
 
     sequences[i][k] are the token ids of prompt i's answer k, rank_lists[i][k] its rank (0 = best).
-    With `shared_prompt`, a `pack_shared_prompts` batch: one row per prompt. Without, input_ids and
-    attention_mask (N, T), right-padded, one row per answer. Both add group_ids and ranks (N,) as
-    `kwise_ranking_loss` takes them, N = the total number of answers.
+    With `shared_prompt`, a `pack_shared_prompts` batch: one block per prompt. Without,
+    input_ids and attention_mask (N, T), right-padded, one row per answer. Both add group_ids
+    and ranks (N,) as `kwise_ranking_loss` takes them, N = the total number of answers.
     """
     if shared_prompt:
         batch = pack_shared_prompts(sequences, pad_id)
