@@ -37,10 +37,12 @@ def stage_args(stage: str, corpus: Path) -> tuple[str, ...]:
         "reward": ("run", "reward", "--config", "configs/tiny/reward.yaml",
                    "model.source=pretrain:latest", "normalize.prompts=4",
                    "normalize.max_new_tokens=8"),
-        # Answers of different lengths: sampling runs on the gathered policy.
+        # Answers of different lengths: sampling runs on the gathered policy. A value head on the
+        # policy (its separate value model is sharded in test_distributed.py).
         "ppo": ("run", "ppo", "--config", "configs/tiny/ppo.yaml", "model.policy=pretrain:latest",
                 "model.reward=reward:latest", "generation.max_new_tokens=8", "eval.n_prompts=2",
-                "eval.max_new_tokens=4", "samples.every_steps=0", "data.max_prompt_tokens=24"),
+                "eval.max_new_tokens=4", "samples.every_steps=0", "data.max_prompt_tokens=24",
+                "value.shared_backbone=true"),
     }[stage] + common
 
 
