@@ -106,12 +106,18 @@ class ProgressLines:
             return
         elapsed = time.monotonic() - self.started_at
         rate = (self.done - self.start) / elapsed if elapsed > 0 else 0.0
-        parts = [f"{self.desc}: {self.done}/{self.total} {self.unit}s "
-                 f"({100 * self.done // max(1, self.total)}%)", f"{rate:.3g} {self.unit}s/s"]
+        units = _plural(self.unit)
+        parts = [f"{self.desc}: {self.done}/{self.total} {units} "
+                 f"({100 * self.done // max(1, self.total)}%)", f"{rate:.3g} {units}/s"]
         if rate > 0 and self.done < self.total:
             parts.append(f"{_clock((self.total - self.done) / rate)} left")
         parts += [f"{name}={value}" for name, value in self.postfix.items()]
         print(", ".join(parts), file=sys.stderr, flush=True)
+
+
+def _plural(unit: str) -> str:
+    """step -> steps, batch -> batches, answer -> answers."""
+    return unit + ("es" if unit.endswith(("ch", "s", "sh", "x")) else "s")
 
 
 def _clock(seconds: float) -> str:
