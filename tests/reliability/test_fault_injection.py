@@ -93,7 +93,8 @@ def test_a_kill_while_pruning_old_states_leaves_no_partial_state(tmp_path, monke
 
     assert [step for step, _ in list_states(registry.run_dir(run.id))] == [3, 2]
     assert registry.verify() == []
-    run_id, resume, _ = runtime._decide("pretrain", config, "hash", registry, {}, "", False, None)
+    run_id, resume, _ = runtime._decide("pretrain", config, "hash", registry, {}, "", False, None,
+                                        processes=1)
     assert (run_id, resume.step) == (run.id, 3)
     assert not list((registry.run_dir(run.id) / "state").glob(".tmp-*"))
     registry.close()
