@@ -38,8 +38,12 @@ browser:
 		echo "warning: apt-get could not install chromium; the browser test will be skipped" >&2; \
 	fi
 
+# Two workers of one thread each: most tests wait on a subprocess or the disk part of the time, so
+# two cores run two of them side by side faster than one with two threads. A module's tests share
+# a worker (its session fixtures are built once per worker).
 test: $(STAMP) browser
-	OMP_NUM_THREADS=2 RLHF_NO_PROGRESS=1 $(BIN)/python -m pytest -q -x -m "not learning" tests
+	OMP_NUM_THREADS=1 RLHF_NO_PROGRESS=1 $(BIN)/python -m pytest -q -x -n 2 --dist loadfile \
+		-m "not learning" tests
 
 # What the tiny recipe learns, judged by the gold scorer (trains it as `make demo` does: minutes).
 test-learning: $(STAMP)

@@ -290,7 +290,7 @@ def policy_answers_file(registry: Registry, config: Config, policy: Resolved) ->
         model, tokenizer = load_policy(policy, config)
         collected = collect(model, tokenizer, prompts, section.k, sampling, labeler,
                             seed=config.seed, max_prompt_tokens=config.normalize.max_prompt_tokens,
-                          progress="reward: sample answers to normalize")
+                            progress="reward: sample the policy's answers")
         print(describe(collected.counts, labeler.report()), file=sys.stderr, flush=True)
         return collected, {"policy": {"path": policy.path,
                                       "run": policy.run.id if policy.run else None},

@@ -22,6 +22,13 @@ from pipeline.registry import Registry, resolve_model
 
 PIPELINE_YAML = "tiny"
 CONVERSATION = ("How many legs do three chickens have?", "What sound does a cow make?")
+# What each `reward.data.answers` choice is, in the demo's words. configs/tiny/reward.yaml ships
+# the one whose final policy scored higher on held-out gold, and says by how much.
+REWARD_DATA = {
+    "template": "the world's template answers, ranked by the labeler",
+    "policy": "the SFT policy's own answers, sampled and ranked by the world's labeler",
+    "both": "the world's template answers and the SFT policy's own answers, ranked by the labeler",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 def demo(overrides: list[str]) -> int:
     started = time.time()
     plan = plan_from_yaml(PIPELINE_YAML, overrides)
+    answers = plan.configs["reward"].data.answers
+    print(f"reward data: {REWARD_DATA[answers]} (reward.data.answers={answers}; "
+          f"configs/tiny/reward.yaml says why it is the default)", flush=True)
     registry = Registry()
     pipeline = execute(plan, registry)
     trained = time.time() - started

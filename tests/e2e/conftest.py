@@ -23,7 +23,10 @@ def rlhf_command(home: Path, *args: str) -> list[str]:
 
 
 def cli_env() -> dict:
-    return dict(os.environ, RLHF_NO_PROGRESS="1", OMP_NUM_THREADS="2", PYTHONHASHSEED="0")
+    """The environment of a CLI subprocess: no progress, fixed hashing, and the test process's
+    thread count (`make test` runs two test workers of one thread each on two cores)."""
+    threads = os.environ.get("OMP_NUM_THREADS", "2")
+    return dict(os.environ, RLHF_NO_PROGRESS="1", OMP_NUM_THREADS=threads, PYTHONHASHSEED="0")
 
 
 def rlhf(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
