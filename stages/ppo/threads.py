@@ -19,7 +19,8 @@ T = TypeVar("T")
 def side_by_side(*tasks: Callable[[], T], workers: int) -> list[T]:
     """Run independent model passes at the same time, up to `workers` threads; their results.
 
-    Meant for a CPU whose intra-op threads are set to 1 (see `PPOTrainer`): small models split
+    Each pass runs on one intra-op thread; with one task or one worker the tasks run in turn on
+    the caller's threads (sampling and single passes keep every core). Small models split
     over several intra-op threads synchronize at every matrix multiply, which a CPU shared with
     other work turns into waiting (measured here: 5-20x slower at 2 threads under load), while
     passes through different models, one thread each, keep the cores busy without it. Each pass
@@ -36,7 +37,8 @@ def side_by_side(*tasks: Callable[[], T], workers: int) -> list[T]:
                 torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
             return task()
 
-    with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+    # The pool's threads start inside `intra_op_threads(1)`, so each pass gets one thread.
+    with intra_op_threads(1), ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
         futures = [pool.submit(in_callers_mode, task) for task in tasks]
         return [future.result() for future in futures]
 

@@ -26,20 +26,21 @@ from stages.ppo.losses import (AdaptiveKLController, FixedKLController, KLContro
                                explained_variance, logprobs_from_logits, policy_loss, value_loss)
 from stages.ppo.models import Models, PolicyEMA, critic_values, response_logits, trainable
 from stages.ppo.sampling import episode_keys
-from stages.ppo.threads import intra_op_threads, side_by_side
+from stages.ppo.threads import side_by_side
 
 
-def build_optimizers(config: Config, models: Models, device: torch.device):
+def build_optimizers(config: Config, models: Models):
     """AdamW for the policy (with the value head when shared) and for the value model; each with
     the warmup + cosine schedule, stepped once per PPO step."""
     train = config.train
     value_lr = config.value.lr or train.lr
-    fused = device.type == "cuda"
 
     def adamw(groups):
-        # foreach on a CPU too: one call per step instead of one per tensor.
+        # Fused on a CPU too: one kernel per tensor, in place. The foreach kernels are slower on a
+        # CPU and hold a temporary the size of all parameters at every step (measured for a
+        # 135M-parameter model: 0.07 s and no temporary fused, 0.8 s and +515 MB foreach).
         return torch.optim.AdamW(groups, weight_decay=train.weight_decay, betas=(0.9, 0.95),
-                                 eps=1e-5, fused=fused, foreach=not fused)
+                                 eps=1e-5, fused=True)
 
     policy_group = {"params": [param for _, param in trainable(models.policy)], "lr": train.lr}
     if models.value_head is not None:
@@ -79,7 +80,7 @@ class PPOTrainer:
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.ptx_blocks = ptx_blocks
         self.kl_controller = make_kl_controller(config)
-        optimizers, self.schedulers = build_optimizers(config, models, accelerator.device)
+        optimizers, self.schedulers = build_optimizers(config, models)
         # Distributed wrappers for the update (DDP; a sharded model is its own); rollouts use the
         # modules in `models`.
         self.policy, self.critic, *prepared = prepare(accelerator, models.policy, models.critic,
@@ -128,15 +129,14 @@ class PPOTrainer:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         kl_coef = self.kl_controller.value
-        with intra_op_threads(1 if self.workers > 1 else torch.get_num_threads()):
-            with accelerator.autocast():
-                experience = make_experience(
-                    self.models, prompts, keys, self.config, kl_coef,
-                    eos_token_id=self.eos_token_id,
-                    pad_token_id=self.pad_token_id, timings=timings, workers=self.workers,
-                    sum_over_processes=lambda tensor: accelerator.reduce(tensor, "sum"))
-            update_started = time.perf_counter()
-            losses = self.update(experience, step)
+        with accelerator.autocast():
+            experience = make_experience(
+                self.models, prompts, keys, self.config, kl_coef,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id, timings=timings, workers=self.workers,
+                sum_over_processes=lambda tensor: accelerator.reduce(tensor, "sum"))
+        update_started = time.perf_counter()
+        losses = self.update(experience, step)
         for scheduler in self.schedulers.values():
             scheduler.step()
         timings["time_update"] = time.perf_counter() - update_started
