@@ -40,6 +40,20 @@ def preset_config(preset: str, tokenizer):
                        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
 
 
+def empty_model(source: str | None = None, preset: str | None = None,
+                trust_remote_code: bool = False):
+    """The module tree of a causal LM, built on the meta device (no weights, no memory): the model
+    at `source` (a directory, a LoRA adapter's base, or a hub name), or a new one of `preset`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    if source is None:
+        config = LlamaConfig(**PRESETS[preset])
+    else:
+        base = adapter_base(Path(source)) if (Path(source) / ADAPTER_CONFIG).is_file() else None
+        config = AutoConfig.from_pretrained(base or source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def build_from_preset(preset: str, tokenizer, seed: int, dtype: torch.dtype = torch.float32):
     """A new model of the preset, initialized from `seed` (in float32, then held in `dtype`)."""
     from transformers import LlamaForCausalLM

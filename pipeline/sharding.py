@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,20 @@ def layer_classes(model: nn.Module, configured: list[str]) -> list[str]:
                         f"{', '.join(own) or 'none'}); leave runtime.fsdp_layers empty to shard "
                         f"the model's own layers, or name one of them")
     return list(configured) or own
+
+
+def check_layers(runtime, role: str, model: Callable[[], nn.Module]) -> None:
+    """Refuse, before anything is written, `runtime.fsdp_layers` classes that the model lacks.
+
+    `model` gives the module (an empty one from `pipeline.models.empty_model` will do); it is only
+    called when a sharded run names its layer classes. The message names `role`, the setting that
+    gave the model."""
+    if runtime.sharding != "fsdp" or not runtime.fsdp_layers:
+        return
+    try:
+        layer_classes(model(), runtime.fsdp_layers)
+    except UserError as err:
+        raise UserError(f"{role}: {err}") from None
 
 
 def shard(model: nn.Module, configured_layers: list[str], device: torch.device) -> nn.Module:

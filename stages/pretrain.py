@@ -25,9 +25,11 @@ from pipeline.data.packing import pack_blocks
 from pipeline.errors import UserError
 from pipeline.guard import require_causal_lm
 from pipeline.loop import fit, micro_batch_indices
-from pipeline.models import PRESETS, build_from_preset, count_parameters, load_causal_lm
+from pipeline.models import (PRESETS, build_from_preset, count_parameters, empty_model,
+                             load_causal_lm)
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.runtime import StageRun, stage_precision
+from pipeline.sharding import check_layers
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.world.cache import WorldSection, world_file
 
@@ -72,6 +74,8 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     # Load the model to continue before anything is written (the world's files, the run): a bad
     # source leaves the home as it was.
     source = _load_source(config, parents["model"]) if "model" in parents else None
+    check_layers(config.runtime, "model.source" if source else "model.preset",
+                 lambda: source[1] if source else empty_model(preset=config.model.preset))
     paths = corpus_paths(config, registry)
     texts = read_text_corpus(paths, text_field=config.data.text_field, hub=config.data.hub_split())
     stage_run = StageRun.open("pretrain", config, registry, parents=parents,

@@ -58,7 +58,8 @@ from pipeline.generation import Answer, SamplingConfig, sample_answers
 from pipeline.loop import fit, micro_batch_indices
 from pipeline.guard import check_chat_model, require_causal_lm
 from pipeline.labelers import make_labeler
-from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
+from pipeline.models import (apply_lora, count_parameters, empty_model, load_causal_lm,
+                             merge_adapter)
 from pipeline.ranking import encode_groups, kwise_ranking_loss, ranking_metrics
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_model,
@@ -66,6 +67,7 @@ from pipeline.reward_model import (MARKER_KIND, REWARD_MARKER, build_reward_mode
                                    packed_scores, reward_tokenizer, score_groups,
                                    score_sequences, sequence_scores)
 from pipeline.runtime import StageRun, stage_precision
+from pipeline.sharding import check_layers
 from pipeline.tokenizer import load_tokenizer
 from pipeline.world.cache import WorldSection, train_and_eval_files, world_file
 
@@ -176,6 +178,7 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     source = require_causal_lm(parents["model"], "model.source", trust)
     tokenizer = reward_tokenizer(source, trust_remote_code=trust, revision=parents["model"].revision)
     check_chat_model(source, tokenizer, "model.source", config.data.max_length)
+    check_layers(config.runtime, "model.source", lambda: empty_model(source, trust_remote_code=trust))
     train_files, eval_files = train_and_eval_files(registry, config.data, "reward")
     collected = []
     if config.data.answers != "template":

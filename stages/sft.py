@@ -33,9 +33,11 @@ from pipeline.data.packing import pack_examples, pad_labeled
 from pipeline.errors import UserError
 from pipeline.loop import fit, micro_batch_indices, to_device
 from pipeline.guard import ADAPTER_CONFIG, check_chat_model, require_causal_lm
-from pipeline.models import apply_lora, count_parameters, load_causal_lm, merge_adapter
+from pipeline.models import (apply_lora, count_parameters, empty_model, load_causal_lm,
+                             merge_adapter)
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.runtime import StageRun, stage_precision
+from pipeline.sharding import check_layers
 from pipeline.tokenizer import IGNORE_INDEX, encode_chat, load_tokenizer
 from pipeline.world.cache import WorldSection, train_and_eval_files
 from pipeline.world.evaluation import GoldEvalSection, gold_eval, gold_metrics
@@ -102,6 +104,7 @@ def run(config: Config, registry: Registry, *, restart: bool = False,
     tokenizer = load_tokenizer(source, trust_remote_code=trust, revision=parents["model"].revision)
     check_chat_model(source, tokenizer, "model.source", config.data.max_length)
     check_lora_start(parents["model"], tokenizer, config.lora, trust)
+    check_layers(config.runtime, "model.source", lambda: empty_model(source, trust_remote_code=trust))
     train_files, eval_files = train_and_eval_files(registry, config.data, "sft")
     train_set = encode_split(tokenizer, train_files, config.data, "train")
     eval_set = encode_split(tokenizer, eval_files, config.data, "eval") if eval_files else None

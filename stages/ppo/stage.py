@@ -54,6 +54,7 @@ from pipeline.precision import memory_line
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.reward_model import load_reward_model
 from pipeline.runtime import StageRun, stage_precision
+from pipeline.sharding import check_layers
 from pipeline.tokenizer import encode_prompt, load_tokenizer
 from pipeline.world.cache import world_file
 from stages.ppo.config import Config, DataSection
@@ -109,6 +110,8 @@ def load_inputs(config: Config, registry: Registry, parents: dict[str, Resolved]
     reward_model, reward_tokenizer = load_reward_model(parents["reward"], trust_remote_code=trust,
                                                        role="model.reward", dtype=dtype)
     check_shared_vocabulary(tokenizer, reward_tokenizer, parents["reward"].path)
+    check_layers(config.runtime, "model.policy", lambda: start_policy)
+    check_layers(config.runtime, "model.reward", lambda: reward_model)  # the value model's too
     check_lengths(config, start_policy, reward_model)
 
     prompts_file = config.data.prompts_file or str(world_file(registry, config.data.world,

@@ -469,6 +469,21 @@ CATALOGUE: dict[str, list[Row]] = {
             "runtime.sharding=fsdp does not support LoRA yet", stage="sft"),
         Row("sharding-with-ema", ppo_args("runtime.sharding=fsdp", "ema.decay=0.9"),
             "runtime.sharding=fsdp does not support the EMA of the policy yet", stage="ppo"),
+        # A layer class the model lacks is refused as the stage checks its model, before the run
+        # is registered (no process group needed: the check reads the model's classes).
+        Row("fsdp-layer-not-in-preset", run_args("runtime.sharding=fsdp",
+                                                 "runtime.fsdp_layers=[GPT2Block]"),
+            "model.preset: runtime.fsdp_layers names GPT2Block, which LlamaForCausalLM does not "
+            "contain"),
+        Row("fsdp-layer-not-in-sft-source", sft_args("runtime.sharding=fsdp",
+                                                     "runtime.fsdp_layers=[GPT2Block]"),
+            "model.source: runtime.fsdp_layers names GPT2Block", stage="sft"),
+        Row("fsdp-layer-not-in-reward-source", reward_args("runtime.sharding=fsdp",
+                                                           "runtime.fsdp_layers=[BertLayer]"),
+            "model.source: runtime.fsdp_layers names BertLayer", stage="reward"),
+        Row("fsdp-layer-not-in-policy", ppo_args("runtime.sharding=fsdp",
+                                                 "runtime.fsdp_layers=[GPT2Block]"),
+            "model.policy: runtime.fsdp_layers names GPT2Block", stage="ppo"),
         Row("generate-from-reward-model", ["generate", "{reward_run}", "--prompt", "Legs?"],
             "is not a causal LM"),
         Row("generate-truncated", ["generate", model("truncated"), "--prompt", "Legs?"],

@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from pipeline.config import RuntimeConfig
 from pipeline.errors import UserError
+from pipeline.models import empty_model
 from pipeline.runtime import ResumePoint, check_processes
-from pipeline.sharding import layer_classes
+from pipeline.sharding import check_layers, layer_classes
 from stages.ppo.models import TokenScorer, ValueHead
 
 
@@ -32,6 +34,21 @@ def test_a_layer_class_the_model_lacks_is_refused_with_its_own():
                                         r"LlamaForCausalLM does not contain \(its own layer "
                                         r"classes: LlamaDecoderLayer\)"):
         layer_classes(LlamaForCausalLM(llama_config()), ["LlamaDecoderLayer", "GPT2Block"])
+
+
+def test_configured_layers_are_checked_on_an_empty_model_before_anything_loads(tmp_path):
+    source = tmp_path / "model"
+    LlamaForCausalLM(llama_config()).save_pretrained(source)
+    sharded = RuntimeConfig(sharding="fsdp", fsdp_layers=["LlamaDecoderLayer"])
+    check_layers(sharded, "model.source", lambda: empty_model(str(source)))
+    check_layers(sharded, "model.preset", lambda: empty_model(preset="tiny"))
+    wrong = RuntimeConfig(sharding="fsdp", fsdp_layers=["GPT2Block"])
+    with pytest.raises(UserError, match=r"^model.source: runtime.fsdp_layers names GPT2Block"):
+        check_layers(wrong, "model.source", lambda: empty_model(str(source)))
+    # Unsharded, or sharded by the model's own layers: nothing to check, nothing built.
+    for runtime in (RuntimeConfig(fsdp_layers=["GPT2Block"]), RuntimeConfig(sharding="fsdp")):
+        check_layers(runtime, "model.source", lambda: pytest.fail("the model was built"))
+    assert next(empty_model(str(source)).parameters()).is_meta
 
 
 def resume_point(processes):
