@@ -162,6 +162,7 @@ def test_rank_reload_crash_resume_chat_and_train(outcome, browser, tmp_path, cap
 
         # 1: two answers dragged (the second dropped above the first), the rest placed by keys.
         wait_for_prompt(page, PROMPTS[0])
+        expect(page.locator("#who")).to_be_hidden()  # one labeler alone is not asked a name
         answers = shown_answers(server)
         count = len(answers)
         assert count >= 3, answers  # K = 4 different answers, or nearly
@@ -326,6 +327,13 @@ def test_a_team_needs_the_token_and_its_labelers_rows_are_told_apart(outcome, br
         page.goto(base)
         assert "secret token" in page.content()
         page.close()
+        # Before the script has wired the name form, it is not there to submit (a plain submit
+        # would reload the page): seen with the script off.
+        context = browser.new_context(java_script_enabled=False)
+        page = context.new_page()
+        page.goto(f"{base}?token={token}")
+        expect(page.locator("#start")).to_be_hidden()
+        context.close()
 
         rankings = {}
         for name, order in (("ann", "best first"), ("bob", "worst first")):
