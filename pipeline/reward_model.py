@@ -26,10 +26,11 @@ from typing import Callable
 import torch
 
 from pipeline import console
-from pipeline.data.packing import (block_attention_mask, pack_shared_prompts, right_pad,
+from pipeline.data.packing import (pack_shared_prompts, right_pad,
                                    shared_prefix_length)
 from pipeline.errors import UserError
 from pipeline.guard import REWARD_MARKER, require_reward_model
+from pipeline.models import BLOCK_MASK_ATTENTION, block_mask_for, inner_model
 from pipeline.registry import Resolved
 
 MARKER_KIND = "reward_model"
@@ -180,11 +181,6 @@ def score_sequences(model, seqs: list[list[int]], batch_size: int = 32,
     return scores
 
 
-# Attention implementations whose mask argument takes a custom 4D (B, 1, L, L) mask: sdpa a bool
-# one (True = attend), eager an additive float one. Flash attention takes none (only padding).
-_BLOCK_MASK_ATTENTION = ("sdpa", "eager")
-
-
 def packed_scores(model, batch: dict) -> torch.Tensor:
     """(N,) float32 scores of a `pack_shared_prompts` batch, read at each answer's last token.
 
@@ -192,29 +188,16 @@ def packed_scores(model, batch: dict) -> torch.Tensor:
     head runs on every position there, and a hook on it keeps those per-token scores (B, L, 1),
     which sequence classifiers otherwise reduce to one score per row.
     """
-    classifier = _unwrapped(model)
-    allowed = block_attention_mask(batch["block_ids"], batch["segment_ids"])  # (B, 1, L, L)
-    if classifier.config._attn_implementation != "sdpa":
-        dtype = classifier.get_input_embeddings().weight.dtype
-        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+    classifier = inner_model(model)
     token_scores = []
     hook = classifier.score.register_forward_hook(
         lambda module, args, output: token_scores.append(output))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=allowed,
+        model(input_ids=batch["input_ids"], attention_mask=block_mask_for(model, batch),
               position_ids=batch["position_ids"])
     finally:
         hook.remove()
     return token_scores[0][batch["score_rows"], batch["score_columns"], 0].float()
-
-
-def _unwrapped(model):
-    """The transformers sequence classifier inside DDP and peft wrappers."""
-    from accelerate.utils import extract_model_from_parallel
-
-    model = extract_model_from_parallel(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @torch.no_grad()
@@ -225,9 +208,9 @@ def shared_prompt_mismatch(model, group: list[list[int]]) -> str | None:
     answer sequences) equal, to fp32 rounding, those of each answer as its own sequence; a model
     that ignored the mask or the position ids would fail that check.
     """
-    classifier = _unwrapped(model)
+    classifier = inner_model(model)
     implementation = classifier.config._attn_implementation
-    if implementation not in _BLOCK_MASK_ATTENTION or not hasattr(classifier, "score"):
+    if implementation not in BLOCK_MASK_ATTENTION or not hasattr(classifier, "score"):
         return f"the model's {implementation} attention takes no block attention mask"
     was_training = model.training
     model.eval()

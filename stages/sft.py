@@ -15,6 +15,11 @@ resume state format with atomic commits and bit-identical resume, and truncation
 Packing (`data.packing: true`) concatenates the encoded conversations into blocks of
 `data.max_length` tokens, keeping each token's label. As in TRL's simple packing, attention crosses
 example boundaries inside a block: a conversation can attend to the end of the previous one.
+Without packing, batches are padding-free (`data.padding_free`, on by default): a step's
+conversations are placed whole into rows of up to `data.max_length` tokens, each attending only to
+itself, so the step learns what a padded batch of the same conversations would, without computing
+the padding. A model whose attention takes no block mask, or whose loss changes on such rows, is
+trained on padded batches, and the stage says so.
 """
 
 from __future__ import annotations
@@ -23,18 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from pipeline import console
 from pipeline.config import HeldOutHubDataSection, LoraConfig, ModelDtypeSection, StageConfig
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_sft_rows
-from pipeline.data.packing import pack_examples, pad_labeled
+from pipeline.data.packing import pack_examples, pack_padding_free, pad_labeled
 from pipeline.errors import UserError
 from pipeline.loop import fit, micro_batch_indices, to_device
 from pipeline.guard import ADAPTER_CONFIG, check_chat_model, require_causal_lm
-from pipeline.models import (apply_lora, count_parameters, empty_model, load_causal_lm,
-                             merge_adapter)
+from pipeline.models import (BLOCK_MASK_ATTENTION, apply_lora, block_mask_for, count_parameters,
+                             empty_model, inner_model, load_causal_lm, merge_adapter)
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.runtime import StageRun, stage_precision
 from pipeline.sharding import check_layers
@@ -65,6 +71,9 @@ class DataSection(HeldOutHubDataSection):
         "truncate", description="longer conversations: keep their first max_length tokens, or drop "
                                 "them; both are counted and reported")
     packing: bool = Field(False, description="concatenate conversations into max_length blocks")
+    padding_free: bool = Field(True, description="without packing: place a step's conversations "
+                               "whole into rows of up to max_length tokens, each attending only "
+                               "to itself (the same loss as padded batches, without padding)")
 
 
 class Config(StageConfig):
@@ -138,9 +147,17 @@ def _train(stage_run, config: Config, tokenizer, train_set: EncodedSplit,
                   f"{count_parameters(model):,} parameters{' (LoRA)' if config.lora.enabled else ''}")
     pad_id = tokenizer.pad_token_id
     device = stage_run.accelerator.device
+    padding_free, how = choose_padding_free(model, config.data, train_examples, pad_id)
+    if how:
+        stage_run.say(f"sft: {how}")
+
+    def collate(examples: list[dict]) -> dict:
+        if padding_free:
+            return pack_padding_free(examples, max_length, pad_id)
+        return pad_labeled(examples, pad_id)
 
     def batches_for_step(step: int):
-        return [(idx, pad_labeled([train_examples[i] for i in idx], pad_id))
+        return [(idx, collate([train_examples[i] for i in idx]))
                 for idx in micro_batch_indices(stage_run, len(train_examples), step)]
 
     def eval_fn(model) -> dict:
@@ -272,10 +289,46 @@ def encode_split(tokenizer, sources: list[str], data: DataSection, split: str) -
 
 # -- loss and evaluation --------------------------------------------------------------------------
 def sft_loss(model, batch: dict):
-    """Mean next-token loss over the answer tokens (the model shifts the labels)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                labels=batch["labels"])
+    """Mean next-token loss over the answer tokens (the model shifts the labels) of a
+    `pad_labeled` or `pack_padding_free` batch."""
+    if "block_ids" in batch:
+        masking = {"attention_mask": block_mask_for(model, batch),
+                   "position_ids": batch["position_ids"]}
+    else:
+        masking = {"attention_mask": batch["attention_mask"]}
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"], **masking)
     return out.loss, {}
+
+
+@torch.no_grad()
+def choose_padding_free(model, data: DataSection, examples: list[dict],
+                        pad_id: int) -> tuple[bool, str]:
+    """Whether to train on `pack_padding_free` rows, and a sentence saying so when the config asks
+    for them ("" when it does not): only when the model's attention takes a block mask and its loss
+    on the first examples, packed that way, equals their padded batch's to rounding."""
+    if data.packing or not data.padding_free:
+        return False, ""
+    implementation = inner_model(model).config._attn_implementation
+    if implementation not in BLOCK_MASK_ATTENTION:
+        return False, (f"the model's {implementation} attention takes no block mask: padded "
+                       f"batches (data.padding_free needs sdpa or eager attention)")
+    sample = examples[:8]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        padded = sft_loss(model, to_device(pad_labeled(sample, pad_id), device))[0]
+        rows = sft_loss(model, to_device(pack_padding_free(sample, data.max_length, pad_id),
+                                         device))[0]
+    finally:
+        model.train(was_training)
+    # fp32 rounding, or a few steps of a half-precision type's
+    tolerance = max(1e-5, 4 * torch.finfo(next(model.parameters()).dtype).eps)
+    if not torch.isclose(rows.float(), padded.float(), rtol=tolerance, atol=0.0):
+        return False, (f"the model's loss changes on padding-free rows ({rows.item():.6f} against "
+                       f"{padded.item():.6f} padded): padded batches")
+    return True, (f"padding-free batches: each step's conversations whole in rows of up to "
+                  f"{data.max_length} tokens, each attending only to itself")
 
 
 def answer_tokens(batch: dict) -> int:

@@ -4,6 +4,7 @@
 - `right_pad`: whole sequences for a forward pass (training, scoring); `pad_labeled` adds labels.
 - `pack_blocks`: a text corpus into fixed-length blocks (pretraining, PPO-ptx).
 - `pack_examples`: labeled examples concatenated into blocks (SFT packing).
+- `pack_padding_free`: labeled examples whole into rows, each attending to itself (SFT).
 - `pack_shared_prompts`: the answers of a prompt in one row, the prompt computed once (reward).
 
 Padding is always found from the lengths, never by comparing ids with the pad id, which may be
@@ -185,3 +186,38 @@ def block_attention_mask(block_ids: torch.Tensor, segment_ids: torch.Tensor) -> 
     same_segment = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
     shared_key = (segment_ids == SHARED_SEGMENT).unsqueeze(1)  # (B, 1, L)
     return (causal & same_block & (same_segment | shared_key)).unsqueeze(1)
+
+
+# -- padding-free rows ----------------------------------------------------------------------------
+def pack_padding_free(examples: list[dict], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Labeled examples placed whole into right-padded rows of `width` tokens (`fill_rows`; wider
+    when an example is longer), each a block that attends only to itself: the batch
+    `pad_labeled` would give, without the padding's compute.
+
+    Returns input_ids, attention_mask (1 = token, 0 = padding), labels, position_ids (restarting
+    at 0 in each example), block_ids and segment_ids (B, L) long, for `block_attention_mask`.
+    Each example's first label is IGNORE_INDEX: the model shifts labels along a row, so the
+    previous example's last token would otherwise learn to predict it (in its own sequence no
+    token precedes it, so this changes nothing).
+    """
+    lengths = [len(example["input_ids"]) for example in examples]
+    rows = fill_rows(lengths, max(width, *lengths))
+    row_ids, row_labels, row_positions, row_blocks = [], [], [], []
+    for members in rows:
+        ids, labels, positions, blocks = [], [], [], []
+        for block, index in enumerate(members):
+            example = examples[index]
+            ids += example["input_ids"]
+            labels += [IGNORE_INDEX, *example["labels"][1:]]
+            positions += range(lengths[index])
+            blocks += [block] * lengths[index]
+        row_ids.append(ids)
+        row_labels.append(labels)
+        row_positions.append(positions)
+        row_blocks.append(blocks)
+    input_ids, attention_mask = right_pad(row_ids, pad_id)
+    block_ids = right_pad(row_blocks, PAD_SEGMENT)[0]
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": right_pad(row_labels, IGNORE_INDEX)[0],
+            "position_ids": right_pad(row_positions, 0)[0], "block_ids": block_ids,
+            "segment_ids": torch.where(block_ids == PAD_SEGMENT, PAD_SEGMENT, 0)}
