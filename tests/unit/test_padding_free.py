@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import loss_and_grads, tiny_family_model
 from pipeline.data.packing import pack_padding_free, pad_labeled
-from pipeline.models import PRESETS
 from pipeline.tokenizer import IGNORE_INDEX as X
 from stages.sft import DataSection, choose_padding_free, sft_loss
 
@@ -55,34 +55,19 @@ def test_rows_widen_to_a_conversation_longer_than_the_width():
 
 
 def tiny_lm(family: str, attention: str):
-    import transformers
-
-    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 vocab_size=40, max_position_embeddings=64, pad_token_id=PAD)
-    if family == "llama":  # the project's architecture: its preset, scaled down
-        config = transformers.LlamaConfig(num_key_value_heads=2, **dict(PRESETS["tiny"], **shape))
-    elif family == "qwen2":
-        config = transformers.Qwen2Config(num_key_value_heads=2, **shape)
-    else:
-        config = transformers.GPTNeoXConfig(**shape)
-    config._attn_implementation = attention
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config)
+    return tiny_family_model(family, attention, "AutoModelForCausalLM", pad_token_id=PAD)
 
 
-def loss_and_grads(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    loss, _ = sft_loss(model, batch)
-    loss.backward()
-    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+def sft_loss_of(batch: dict):
+    return lambda model: sft_loss(model, batch)[0]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox"])
 def test_loss_and_gradients_equal_the_padded_batch(family, attention):
     model = tiny_lm(family, attention)
-    loss_padded, grads_padded = loss_and_grads(model, pad_labeled(EXAMPLES, PAD))
-    loss_rows, grads_rows = loss_and_grads(model, pack_padding_free(EXAMPLES, 8, PAD))
+    loss_padded, grads_padded = loss_and_grads(model, sft_loss_of(pad_labeled(EXAMPLES, PAD)))
+    loss_rows, grads_rows = loss_and_grads(model, sft_loss_of(pack_padding_free(EXAMPLES, 8, PAD)))
     assert loss_rows == pytest.approx(loss_padded, abs=1e-6)
     for name, grad in grads_padded.items():
         assert grad.abs().max() > 0, name  # every parameter takes part

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import loss_and_grads, tiny_family_model
 from pipeline.data.packing import (block_attention_mask, fill_rows, pack_group,
                                    pack_shared_prompts, right_pad, shared_prefix_length)
-from pipeline.models import PRESETS
 from pipeline.ranking import encode_groups, kwise_ranking_loss
 from pipeline.reward_model import (choose_shared_prompt, packed_scores, score_groups,
                                    score_sequences, sequence_scores)
@@ -91,20 +91,8 @@ def test_block_mask_lets_an_answer_see_its_prompt_and_itself_only():
 
 def tiny_classifier(family: str, attention: str):
     """A randomly initialized one-label classifier of `family` with a 32-wide, 2-layer body."""
-    import transformers
-
-    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 vocab_size=40, max_position_embeddings=64, pad_token_id=PAD, num_labels=1)
-    if family == "llama":  # the project's architecture: its preset, scaled down
-        shape = dict(PRESETS["tiny"], **shape)
-        config = transformers.LlamaConfig(num_key_value_heads=2, **shape)
-    elif family == "qwen2":
-        config = transformers.Qwen2Config(num_key_value_heads=2, **shape)
-    else:
-        config = transformers.GPTNeoXConfig(**shape)
-    config._attn_implementation = attention
-    torch.manual_seed(0)
-    return transformers.AutoModelForSequenceClassification.from_config(config)
+    return tiny_family_model(family, attention, "AutoModelForSequenceClassification",
+                             pad_token_id=PAD, num_labels=1)
 
 
 def separate_scores(model) -> torch.Tensor:
@@ -112,11 +100,10 @@ def separate_scores(model) -> torch.Tensor:
     return sequence_scores(model, input_ids, attention_mask)
 
 
-def ranking_loss_and_grads(model, scores: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    loss, _ = kwise_ranking_loss(scores, *encode_groups(RANKS), center_coef=0.1)
-    loss.backward()
-    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+def ranking_loss(scores_of):
+    """The K-wise ranking loss of the scores `scores_of(model)` gives, as `loss_and_grads` takes it."""
+    return lambda model: kwise_ranking_loss(scores_of(model), *encode_groups(RANKS),
+                                            center_coef=0.1)[0]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -130,9 +117,9 @@ def test_packed_scores_and_gradients_equal_separate_sequences(family, attention)
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=0)
     assert separate.std() > 1e-3  # the answers' scores really differ
 
-    loss_separate, grads_separate = ranking_loss_and_grads(model, separate_scores(model))
-    loss_packed, grads_packed = ranking_loss_and_grads(
-        model, packed_scores(model, pack_shared_prompts(GROUPS, PAD)))
+    loss_separate, grads_separate = loss_and_grads(model, ranking_loss(separate_scores))
+    loss_packed, grads_packed = loss_and_grads(model, ranking_loss(
+        lambda model: packed_scores(model, pack_shared_prompts(GROUPS, PAD))))
     assert loss_packed == pytest.approx(loss_separate, abs=1e-6)
     for name, grad in grads_separate.items():
         assert grad.abs().max() > 0, name  # every parameter takes part
