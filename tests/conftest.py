@@ -6,9 +6,6 @@
     make_run   the same, in `registry`
     run_cli    run `python -m pipeline.commands.cli ARGS` in a subprocess with RLHF_HOME=home
     flip_byte  invert one byte of a file in place (corruption tests)
-
-and two helpers for exactness tests: `tiny_family_model` (a tiny model of a given family) and
-`loss_and_grads`.
 """
 
 from __future__ import annotations
@@ -106,33 +103,3 @@ def flip_byte():
 
     return flip
 
-
-def tiny_family_model(family: str, attention: str, head: str, **config):
-    """A randomly initialized (seed 0) transformers model with a 32-wide, 2-layer body: `family`
-    llama (the project's architecture: its tiny preset, scaled down), qwen2 or gpt_neox; attention
-    `attention`; `head` an Auto class name, e.g. "AutoModelForCausalLM"; `config` more fields."""
-    import torch
-    import transformers
-
-    from pipeline.models import PRESETS
-
-    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 vocab_size=40, max_position_embeddings=64, **config)
-    if family == "llama":
-        model_config = transformers.LlamaConfig(num_key_value_heads=2,
-                                                **dict(PRESETS["tiny"], **shape))
-    elif family == "qwen2":
-        model_config = transformers.Qwen2Config(num_key_value_heads=2, **shape)
-    else:
-        model_config = transformers.GPTNeoXConfig(**shape)
-    model_config._attn_implementation = attention
-    torch.manual_seed(0)
-    return getattr(transformers, head).from_config(model_config)
-
-
-def loss_and_grads(model, loss_of) -> tuple[float, dict]:
-    """Backpropagate `loss_of(model)` from zeroed gradients: the loss and each parameter's grad."""
-    model.zero_grad()
-    loss = loss_of(model)
-    loss.backward()
-    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}

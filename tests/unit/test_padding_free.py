@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import loss_and_grads, tiny_family_model
 from pipeline.data.packing import pack_padding_free, pad_labeled
 from pipeline.tokenizer import IGNORE_INDEX as X
 from stages.sft import DataSection, choose_padding_free, sft_loss
+from tests.unit.tiny_models import loss_and_grads, tiny_family_model
 
 PAD = 1
 # Three conversations of 6, 3 and 4 tokens, the answers' tokens labeled. In rows of 8: the first

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import loss_and_grads, tiny_family_model
 from pipeline.data.packing import (block_attention_mask, fill_rows, pack_group,
                                    pack_shared_prompts, right_pad, shared_prefix_length)
 from pipeline.ranking import encode_groups, kwise_ranking_loss
 from pipeline.reward_model import (choose_shared_prompt, packed_scores, score_groups,
                                    score_sequences, sequence_scores)
+from tests.unit.tiny_models import loss_and_grads, tiny_family_model
 
 PAD = 1
 # Three prompts' answers: K = 3 with a 4-token prompt, K = 2 with a 2-token prompt, and K = 1.
