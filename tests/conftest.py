@@ -102,4 +102,3 @@ def flip_byte():
         path.write_bytes(bytes(data))
 
     return flip
-

@@ -137,42 +137,53 @@ def fill_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
+def place_blocks(blocks: list[dict[str, list[int]]], width: int,
+                 pads: dict[str, int]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """Blocks (each a dict of equally long token-aligned lists, one of them input_ids) placed into
+    rows of `width` (`fill_rows`), each list right-padded with `pads[key]`.
+
+    Returns the (B, L) long tensors of those keys, plus attention_mask (1 = token, 0 = padding)
+    and block_ids (which block of its row a token is in, PAD_SEGMENT on padding); and for each
+    block, the (row, column) where it starts.
+    """
+    rows = fill_rows([len(block["input_ids"]) for block in blocks], width)
+    columns = {key: [] for key in blocks[0]} | {"block_ids": []}
+    where = [(0, 0)] * len(blocks)
+    for row, members in enumerate(rows):
+        placed = {key: [] for key in columns}
+        for position, index in enumerate(members):
+            where[index] = (row, len(placed["input_ids"]))
+            for key, values in blocks[index].items():
+                placed[key] += values
+            placed["block_ids"] += [position] * len(blocks[index]["input_ids"])
+        for key, values in placed.items():
+            columns[key].append(values)
+    pads = {**pads, "block_ids": PAD_SEGMENT}
+    input_ids, attention_mask = right_pad(columns.pop("input_ids"), pads["input_ids"])
+    tensors = {key: right_pad(values, pads[key])[0] for key, values in columns.items()}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **tensors}, where
+
+
 def pack_shared_prompts(groups: list[list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Pack each group (one prompt's answer sequences) into one block, and the blocks into right-
-    padded rows no longer than the longest block (`fill_rows`).
+    padded rows no longer than the longest block (`place_blocks`).
 
     Returns input_ids, attention_mask (1 = token, 0 = padding), position_ids, block_ids (which
     block of its row a token is in) and segment_ids, all (B, L) long; score_rows and score_columns
     (N,) long: where answer n of the flattened groups ends, in group order.
     `block_attention_mask(block_ids, segment_ids)` gives the mask a forward pass takes.
     """
-    blocks = [pack_group(seqs) for seqs in groups]
-    rows = fill_rows([len(ids) for ids, *_ in blocks], max(len(ids) for ids, *_ in blocks))
-    row_ids, row_positions, row_blocks, row_segments = [], [], [], []
-    where = {}  # group index -> (row, column where its block starts)
-    for row, members in enumerate(rows):
-        ids, positions, block_ids, segments = [], [], [], []
-        for block, group in enumerate(members):
-            where[group] = (row, len(ids))
-            block_tokens, block_positions, block_segments, _ = blocks[group]
-            ids += block_tokens
-            positions += block_positions
-            block_ids += [block] * len(block_tokens)
-            segments += block_segments
-        row_ids.append(ids)
-        row_positions.append(positions)
-        row_blocks.append(block_ids)
-        row_segments.append(segments)
-    input_ids, attention_mask = right_pad(row_ids, pad_id)
-    ends = [(group, column) for group, (*_, last_columns) in enumerate(blocks)
+    packed = [pack_group(seqs) for seqs in groups]
+    blocks = [{"input_ids": ids, "position_ids": positions, "segment_ids": segments}
+              for ids, positions, segments, _ in packed]
+    batch, where = place_blocks(blocks, max(len(block["input_ids"]) for block in blocks),
+                                {"input_ids": pad_id, "position_ids": 0,
+                                 "segment_ids": PAD_SEGMENT})
+    ends = [(group, column) for group, (*_, last_columns) in enumerate(packed)
             for column in last_columns]
     score_rows = [where[group][0] for group, _ in ends]
     score_columns = [where[group][1] + column for group, column in ends]
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "position_ids": right_pad(row_positions, 0)[0],
-            "block_ids": right_pad(row_blocks, PAD_SEGMENT)[0],
-            "segment_ids": right_pad(row_segments, PAD_SEGMENT)[0],
-            "score_rows": torch.tensor(score_rows, dtype=torch.long),
+    return {**batch, "score_rows": torch.tensor(score_rows, dtype=torch.long),
             "score_columns": torch.tensor(score_columns, dtype=torch.long)}
 
 
@@ -190,8 +201,8 @@ def block_attention_mask(block_ids: torch.Tensor, segment_ids: torch.Tensor) -> 
 
 # -- padding-free rows ----------------------------------------------------------------------------
 def pack_padding_free(examples: list[dict], width: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Labeled examples placed whole into right-padded rows of `width` tokens (`fill_rows`; wider
-    when an example is longer), each a block that attends only to itself: the batch
+    """Labeled examples placed whole into right-padded rows of `width` tokens (`place_blocks`;
+    wider when an example is longer), each a block that attends only to itself: the batch
     `pad_labeled` would give, without the padding's compute.
 
     Returns input_ids, attention_mask (1 = token, 0 = padding), labels, position_ids (restarting
@@ -200,24 +211,11 @@ def pack_padding_free(examples: list[dict], width: int, pad_id: int) -> dict[str
     previous example's last token would otherwise learn to predict it (in its own sequence no
     token precedes it, so this changes nothing).
     """
-    lengths = [len(example["input_ids"]) for example in examples]
-    rows = fill_rows(lengths, max(width, *lengths))
-    row_ids, row_labels, row_positions, row_blocks = [], [], [], []
-    for members in rows:
-        ids, labels, positions, blocks = [], [], [], []
-        for block, index in enumerate(members):
-            example = examples[index]
-            ids += example["input_ids"]
-            labels += [IGNORE_INDEX, *example["labels"][1:]]
-            positions += range(lengths[index])
-            blocks += [block] * lengths[index]
-        row_ids.append(ids)
-        row_labels.append(labels)
-        row_positions.append(positions)
-        row_blocks.append(blocks)
-    input_ids, attention_mask = right_pad(row_ids, pad_id)
-    block_ids = right_pad(row_blocks, PAD_SEGMENT)[0]
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "labels": right_pad(row_labels, IGNORE_INDEX)[0],
-            "position_ids": right_pad(row_positions, 0)[0], "block_ids": block_ids,
-            "segment_ids": torch.where(block_ids == PAD_SEGMENT, PAD_SEGMENT, 0)}
+    blocks = [{"input_ids": example["input_ids"],
+               "labels": [IGNORE_INDEX, *example["labels"][1:]],
+               "position_ids": list(range(len(example["input_ids"]))),
+               "segment_ids": [0] * len(example["input_ids"])} for example in examples]
+    width = max(width, *(len(block["input_ids"]) for block in blocks))
+    batch, _ = place_blocks(blocks, width, {"input_ids": pad_id, "labels": IGNORE_INDEX,
+                                            "position_ids": 0, "segment_ids": PAD_SEGMENT})
+    return batch
