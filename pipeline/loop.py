@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.models import enable_gradient_checkpointing
+from pipeline.models import enable_gradient_checkpointing, own_storage
 from pipeline.precision import memory_line
 from pipeline.runtime import StageRun
 from pipeline.sharding import prepare
@@ -86,6 +86,7 @@ def fit(stage_run: StageRun, model, tokenizer, *,
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     stage_run.say(memory_line(desc, {"model": model}, [model]))
+    own_storage(model)  # the same numerics whether the weights were loaded or built
     stage_run.shard(model)  # before the optimizer, which must hold the sharded parameters
     optimizer, scheduler = make_optimizer(stage_run, model)
     model, optimizer = prepare(accelerator, model, optimizer)

@@ -196,3 +196,16 @@ def block_mask_for(model, batch: dict) -> torch.Tensor:
     dtype = inner.get_input_embeddings().weight.dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(dtype).min)
+
+
+def own_storage(model) -> None:
+    """Give every CPU parameter of `model` an allocation of its own (64-byte aligned).
+
+    Weights loaded from safetensors can be views into the file's buffer, at offsets of any
+    alignment, and CPU matrix kernels round differently by alignment. A resumed run loads its
+    trained model from the resume state, the uninterrupted run from its parent or built it in
+    memory; without this they would part in the last bit a few steps after the resume point.
+    """
+    for param in model.parameters():
+        if param.device.type == "cpu" and param.data_ptr() % 64:
+            param.data = param.data.clone()

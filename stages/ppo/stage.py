@@ -49,7 +49,7 @@ from pipeline.data.packing import pack_blocks
 from pipeline.errors import UserError
 from pipeline.loop import step_indices
 from pipeline.guard import check_chat_model, check_eos, require_causal_lm
-from pipeline.models import count_parameters, load_causal_lm, merge_adapter
+from pipeline.models import count_parameters, load_causal_lm, merge_adapter, own_storage
 from pipeline.precision import memory_line
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.reward_model import load_reward_model
@@ -205,6 +205,7 @@ def _train(stage_run, config: Config, inputs: Inputs) -> Run:
     ptx_blocks = (pack_blocks(inputs.ptx_texts, tokenizer, config.ptx.seq_len)
                   if inputs.ptx_texts else None)
     for trained in (models.policy, models.critic):
+        own_storage(trained)  # the same numerics whether the weights were loaded or built
         stage_run.shard(trained)  # before the optimizers, which must hold the sharded parameters
     trainer = PPOTrainer(config, stage_run.accelerator, models, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, ptx_blocks=ptx_blocks)

@@ -60,3 +60,17 @@ def test_warmup_then_cosine_to_the_floor():
         scheduler.step()
     # warmup 1/2, 2/2; then 0.1 + 0.9·(1 + cos(π·k/4))/2 for k = 0..3
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.86820, 0.55, 0.23180], abs=1e-5)
+
+
+def test_own_storage_moves_misaligned_weights_into_aligned_allocations():
+    # A weight loaded from safetensors can sit 32 bytes into a buffer, as this one does.
+    from pipeline.models import own_storage
+
+    layer = torch.nn.Linear(4, 2)
+    buffer = torch.arange(16, dtype=torch.float32)
+    layer.weight.data = buffer[8:16].view(2, 4)
+    assert layer.weight.data_ptr() % 64 == 32
+    own_storage(layer)
+    assert layer.weight.data_ptr() % 64 == 0
+    assert layer.weight.tolist() == [[8, 9, 10, 11], [12, 13, 14, 15]]
+    assert isinstance(layer.weight, torch.nn.Parameter) and layer.weight.requires_grad
