@@ -14,7 +14,6 @@ from pickle import UnpicklingError  # torch's weights_only refusal; nothing here
 
 import torch
 from pipeline.config import LoraConfig, remote_code_warning
-from pipeline.data.packing import block_attention_mask
 from pipeline.errors import UserError, first_line
 from pipeline.guard import ADAPTER_CONFIG, require_causal_lm
 from pipeline.registry import Resolved, adapter_base
@@ -173,29 +172,12 @@ def count_parameters(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-# Attention implementations whose mask argument takes a custom 4D (B, 1, L, L) mask: sdpa a bool
-# one (True = attend), eager an additive float one. Flash attention takes none (only padding).
-BLOCK_MASK_ATTENTION = ("sdpa", "eager")
-
-
 def inner_model(model):
     """The transformers model inside DDP and peft wrappers."""
     from accelerate.utils import extract_model_from_parallel
 
     model = extract_model_from_parallel(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def block_mask_for(model, batch: dict) -> torch.Tensor:
-    """The (B, 1, L, L) attention mask of a batch with `block_ids` and `segment_ids` (see
-    `pipeline.data.packing.block_attention_mask`), in the form the model's attention takes."""
-    allowed = block_attention_mask(batch["block_ids"], batch["segment_ids"])
-    inner = inner_model(model)
-    if inner.config._attn_implementation == "sdpa":
-        return allowed
-    dtype = inner.get_input_embeddings().weight.dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)
 
 
 def own_storage(model) -> None:

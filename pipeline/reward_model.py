@@ -28,9 +28,10 @@ import torch
 from pipeline import console
 from pipeline.data.packing import (pack_shared_prompts, right_pad,
                                    shared_prefix_length)
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.guard import REWARD_MARKER, require_reward_model
-from pipeline.models import BLOCK_MASK_ATTENTION, block_mask_for, inner_model
+from pipeline.models import inner_model
+from pipeline.packed import PACKABLE_ATTENTION, packed_forward, row_layout, token_index
 from pipeline.registry import Resolved
 
 MARKER_KIND = "reward_model"
@@ -184,20 +185,22 @@ def score_sequences(model, seqs: list[list[int]], batch_size: int = 32,
 def packed_scores(model, batch: dict) -> torch.Tensor:
     """(N,) float32 scores of a `pack_shared_prompts` batch, read at each answer's last token.
 
-    The call goes through the model's own forward (so DDP and peft wrappers see it); the score
-    head runs on every position there, and a hook on it keeps those per-token scores (B, L, 1),
-    which sequence classifiers otherwise reduce to one score per row.
+    The call goes through the model's own forward (so DDP and peft wrappers see it), on the batch's
+    real tokens (`pipeline.packed.packed_forward`); the score head runs on every token there, and a
+    hook on it keeps those per-token scores (1, T, 1), which sequence classifiers otherwise reduce
+    to one score per sequence.
     """
     classifier = inner_model(model)
+    layout = row_layout(batch)
     token_scores = []
     hook = classifier.score.register_forward_hook(
         lambda module, args, output: token_scores.append(output))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=block_mask_for(model, batch),
-              position_ids=batch["position_ids"])
+        packed_forward(model, batch, layout)
     finally:
         hook.remove()
-    return token_scores[0][batch["score_rows"], batch["score_columns"], 0].float()
+    ends = token_index(layout, batch["score_rows"], batch["score_columns"])
+    return token_scores[0][0, ends, 0].float()
 
 
 @torch.no_grad()
@@ -205,30 +208,34 @@ def shared_prompt_mismatch(model, group: list[list[int]]) -> str | None:
     """Why this model cannot score a prompt's answers packed together, or None when it can.
 
     It can when its attention takes a block mask and the packed scores of `group` (one prompt's
-    answer sequences) equal, to fp32 rounding, those of each answer as its own sequence; a model
-    that ignored the mask or the position ids would fail that check.
+    answer sequences) equal, to fp32 rounding, those its own attention gives each answer as its
+    own sequence; a model that ignored the mask or the position ids would fail that check, and
+    keeps its attention implementation.
     """
     classifier = inner_model(model)
     implementation = classifier.config._attn_implementation
-    if implementation not in BLOCK_MASK_ATTENTION or not hasattr(classifier, "score"):
+    if implementation not in PACKABLE_ATTENTION or not hasattr(classifier, "score"):
         return f"the model's {implementation} attention takes no block attention mask"
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        batch = pack_shared_prompts([group], model.config.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        packed = packed_scores(model, batch)
         input_ids, attention_mask = right_pad(group, model.config.pad_token_id)
         separate = sequence_scores(model, input_ids.to(device), attention_mask.to(device))
+        batch = pack_shared_prompts([group], model.config.pad_token_id)
+        packed = packed_scores(model, {k: v.to(device) for k, v in batch.items()})
     except (TypeError, ValueError, RuntimeError) as err:
-        return f"the model fails on a block attention mask ({type(err).__name__}: {err})"
+        mismatch = (f"the model fails on a block attention mask "
+                    f"({type(err).__name__}: {first_line(err)})")
+    else:
+        gap = (packed - separate).abs().max().item()
+        mismatch = (f"the model's scores change under a block attention mask (by {gap:.2g})"
+                    if gap > 1e-4 * (1 + separate.abs().max().item()) else None)
     finally:
         model.train(was_training)
-    gap = (packed - separate).abs().max().item()
-    if gap > 1e-4 * (1 + separate.abs().max().item()):
-        return f"the model's scores change under a block attention mask (by {gap:.2g})"
-    return None
+    if mismatch:
+        classifier.set_attn_implementation(implementation)
+    return mismatch
 
 
 def choose_shared_prompt(model, groups: list[list[list[int]]]) -> tuple[bool, str]:

@@ -14,7 +14,8 @@ pair side, as the K·(K−1) sequences of a pairwise expansion would). A micro-b
 and its K answers into one block, short blocks sharing a row
 (`pipeline.data.packing.pack_shared_prompts`): the prompt's tokens are computed once, and a block
 attention mask with per-answer position ids gives every answer the score it has as its own
-sequence. A model whose attention takes no such mask gets the answers as
+sequence. Only the real tokens go through the model; attention alone sees the rows
+(`pipeline.packed`). A model whose attention takes no such mask gets the answers as
 separate right-padded sequences instead, and the stage says so. Then
 `pipeline.ranking.kwise_ranking_loss` forms every strictly ordered pair of a prompt from the scores.
 Pairwise data is the K = 2 case.

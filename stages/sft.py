@@ -36,11 +36,12 @@ from pipeline.config import HeldOutHubDataSection, LoraConfig, ModelDtypeSection
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.formats import load_sft_rows
 from pipeline.data.packing import pack_examples, pack_padding_free, pad_labeled
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.loop import fit, micro_batch_indices, to_device
 from pipeline.guard import ADAPTER_CONFIG, check_chat_model, require_causal_lm
-from pipeline.models import (BLOCK_MASK_ATTENTION, apply_lora, block_mask_for, count_parameters,
-                             empty_model, inner_model, load_causal_lm, merge_adapter)
+from pipeline.models import (apply_lora, count_parameters, empty_model, inner_model,
+                             load_causal_lm, merge_adapter)
+from pipeline.packed import PACKABLE_ATTENTION, packed_forward
 from pipeline.registry import Registry, Resolved, Run
 from pipeline.runtime import StageRun, stage_precision
 from pipeline.sharding import check_layers
@@ -292,11 +293,9 @@ def sft_loss(model, batch: dict):
     """Mean next-token loss over the answer tokens (the model shifts the labels) of a
     `pad_labeled` or `pack_padding_free` batch."""
     if "block_ids" in batch:
-        masking = {"attention_mask": block_mask_for(model, batch),
-                   "position_ids": batch["position_ids"]}
-    else:
-        masking = {"attention_mask": batch["attention_mask"]}
-    out = model(input_ids=batch["input_ids"], labels=batch["labels"], **masking)
+        return packed_forward(model, batch, labels=batch["labels"]).loss, {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                labels=batch["labels"])
     return out.loss, {}
 
 
@@ -308,27 +307,38 @@ def choose_padding_free(model, data: DataSection, examples: list[dict],
     on the first examples, packed that way, equals their padded batch's to rounding."""
     if data.packing or not data.padding_free:
         return False, ""
-    implementation = inner_model(model).config._attn_implementation
-    if implementation not in BLOCK_MASK_ATTENTION:
+    inner = inner_model(model)
+    implementation = inner.config._attn_implementation
+    if implementation not in PACKABLE_ATTENTION:
         return False, (f"the model's {implementation} attention takes no block mask: padded "
                        f"batches (data.padding_free needs sdpa or eager attention)")
-    sample = examples[:8]
+    mismatch = _padding_free_mismatch(model, examples[:8], data.max_length, pad_id)
+    if mismatch:
+        inner.set_attn_implementation(implementation)
+        return False, f"{mismatch}: padded batches"
+    return True, (f"padding-free batches: each step's conversations whole in rows of up to "
+                  f"{data.max_length} tokens, each attending only to itself")
+
+
+def _padding_free_mismatch(model, sample: list[dict], max_length: int, pad_id: int) -> str | None:
+    """Why the model's loss on `sample` packed padding-free differs from its padded batch's loss
+    (beyond rounding), or None when it does not."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         padded = sft_loss(model, to_device(pad_labeled(sample, pad_id), device))[0]
-        rows = sft_loss(model, to_device(pack_padding_free(sample, data.max_length, pad_id),
-                                         device))[0]
+        rows = sft_loss(model, to_device(pack_padding_free(sample, max_length, pad_id), device))[0]
+    except (TypeError, ValueError, RuntimeError) as err:
+        return f"the model fails on padding-free rows ({type(err).__name__}: {first_line(err)})"
     finally:
         model.train(was_training)
     # fp32 rounding, or a few steps of a half-precision type's
     tolerance = max(1e-5, 4 * torch.finfo(next(model.parameters()).dtype).eps)
     if not torch.isclose(rows.float(), padded.float(), rtol=tolerance, atol=0.0):
-        return False, (f"the model's loss changes on padding-free rows ({rows.item():.6f} against "
-                       f"{padded.item():.6f} padded): padded batches")
-    return True, (f"padding-free batches: each step's conversations whole in rows of up to "
-                  f"{data.max_length} tokens, each attending only to itself")
+        return (f"the model's loss changes on padding-free rows ({rows.item():.6f} against "
+                f"{padded.item():.6f} padded)")
+    return None
 
 
 def answer_tokens(batch: dict) -> int:

@@ -7,6 +7,9 @@
 - `pack_padding_free`: labeled examples whole into rows, each attending to itself (SFT).
 - `pack_shared_prompts`: the answers of a prompt in one row, the prompt computed once (reward).
 
+A packed batch's forward pass (`pipeline.packed.packed_forward`) runs its real tokens only; the
+rows are where attention applies the block mask.
+
 Padding is always found from the lengths, never by comparing ids with the pad id, which may be
 the EOS that ends every answer.
 """

@@ -104,15 +104,18 @@ def test_a_model_that_ignores_the_block_mask_is_caught_by_the_check():
     import transformers
 
     class MaskBlind(transformers.LlamaForCausalLM):
-        """Attends causally along the whole row, whatever mask and positions it is given (given
-        the positions, transformers would find the conversations from them)."""
+        """Attends causally along the whole sequence of packed tokens: it drops the mask, the
+        positions and the row layout it is given (given the positions, transformers would find
+        the conversations from them)."""
 
-        def forward(self, attention_mask=None, position_ids=None, **inputs):
+        def forward(self, attention_mask=None, position_ids=None, row_layout=None, **inputs):
             return super().forward(**inputs)
 
     config = tiny_lm("llama", "sdpa").config
     config.initializer_range = 0.3  # attention sharp enough that the context changes the loss
     torch.manual_seed(0)
-    used, how = choose_padding_free(MaskBlind(config), DataSection(max_length=8), EXAMPLES, PAD)
+    model = MaskBlind(config)
+    used, how = choose_padding_free(model, DataSection(max_length=8), EXAMPLES, PAD)
     assert not used
+    assert model.config._attn_implementation == "sdpa"  # its own attention, for padded batches
     assert how.startswith("the model's loss changes on padding-free rows")
