@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.data.packing import block_attention_mask
+from pipeline.data.packing import PAD_SEGMENT, block_attention_mask
 from pipeline.models import inner_model
 
 ROW_ATTENTION = "packed_rows"
@@ -46,15 +46,27 @@ class RowLayout:
     scatter: torch.Tensor
     mask: torch.Tensor
 
+    def in_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """(1, T, ...) values of the real tokens -> (rows, width, ...), padding holding token 0's."""
+        return values[0].index_select(0, self.gather).unflatten(0, (self.rows, self.width))
+
 
 def row_layout(batch: dict) -> RowLayout:
     """The layout of a packed batch with attention_mask, block_ids and segment_ids (B, L)."""
-    rows, width = batch["input_ids"].shape
+    rows, width = batch["attention_mask"].shape
     scatter = batch["attention_mask"].flatten().nonzero().squeeze(1)
     gather = torch.zeros(rows * width, dtype=torch.long, device=scatter.device)
     gather[scatter] = torch.arange(len(scatter), device=scatter.device)
     mask = block_attention_mask(batch["block_ids"], batch["segment_ids"])
     return RowLayout(rows, width, gather, scatter, mask)
+
+
+def sequences_layout(attention_mask: torch.Tensor) -> RowLayout:
+    """The layout of padded sequences (B, L), left- or right-padded (or both): each row one block
+    of its real tokens."""
+    blocks = torch.where(attention_mask.bool(), 0, PAD_SEGMENT)
+    return row_layout({"attention_mask": attention_mask, "block_ids": blocks,
+                       "segment_ids": blocks})
 
 
 def token_index(layout: RowLayout, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -101,9 +113,10 @@ def use_row_attention(model) -> None:
         inner.set_attn_implementation(ROW_ATTENTION)
 
 
-def packed_forward(model, batch: dict, layout: RowLayout | None = None, **inputs):
+def packed_forward(model, batch: dict, layout: RowLayout | None = None, **kwargs):
     """The model's output on the real tokens of a packed batch, as one sequence (1, T) in row
-    order; `inputs` (labels, say) are (B, L) tensors of the batch, passed the same way.
+    order. The batch's input_ids, position_ids and (when it has them) labels are (B, L) tensors;
+    `kwargs` go to the model as they are (e.g. `logits_to_keep`, indices among the T tokens).
 
     A causal LM's labels stay right: the model shifts them along the sequence, so a token's
     target is the next real token, which in a packed batch is its block's next token or the
@@ -115,8 +128,9 @@ def packed_forward(model, batch: dict, layout: RowLayout | None = None, **inputs
     def tokens(values: torch.Tensor) -> torch.Tensor:
         return values.flatten().index_select(0, layout.scatter).unsqueeze(0)
 
+    per_token = {name: tokens(batch[name]) for name in ("input_ids", "position_ids", "labels")
+                 if name in batch}
     # The 4D mask is only there so that transformers builds none of its own for T tokens; the
     # attention takes the layout's.
-    return model(input_ids=tokens(batch["input_ids"]), position_ids=tokens(batch["position_ids"]),
-                 attention_mask=layout.mask, row_layout=layout, use_cache=False,
-                 **{name: tokens(values) for name, values in inputs.items()})
+    return model(**per_token, attention_mask=layout.mask, row_layout=layout, use_cache=False,
+                 **kwargs)

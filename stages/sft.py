@@ -293,7 +293,7 @@ def sft_loss(model, batch: dict):
     """Mean next-token loss over the answer tokens (the model shifts the labels) of a
     `pad_labeled` or `pack_padding_free` batch."""
     if "block_ids" in batch:
-        return packed_forward(model, batch, labels=batch["labels"]).loss, {}
+        return packed_forward(model, batch).loss, {}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 labels=batch["labels"])
     return out.loss, {}

@@ -131,7 +131,8 @@ def make_experience(models: Models, prompts: list[list[int]], keys: torch.Tensor
     def policy_pass():
         """(old log-probs, entropy, values from the value head or None), as the update computes."""
         logits, hidden = response_logits(models.policy, sequences, attention_mask, width,
-                                         with_hidden=models.value_head is not None)
+                                         with_hidden=models.value_head is not None,
+                                         packed=models.packed)
         values = models.value_head(hidden) if models.value_head is not None else None
         return (logprobs_from_logits(logits, responses, temperature),
                 entropy_from_logits(logits, mask, temperature), values)

@@ -21,8 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.models import (apply_lora, enable_gradient_checkpointing, load_causal_lm,
-                             without_dropout)
+from pipeline.data.packing import left_pad, right_pad
+from pipeline.models import (apply_lora, enable_gradient_checkpointing, inner_model,
+                             load_causal_lm, without_dropout)
+from pipeline.packed import PACKABLE_ATTENTION, packed_forward, sequences_layout, token_index
+from pipeline.errors import first_line
 from pipeline.registry import Resolved
 from stages.ppo.config import Config
 
@@ -33,18 +36,38 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logits(causal_lm, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                    response_width: int, with_hidden: bool = False):
+                    response_width: int, with_hidden: bool = False, packed: bool = False):
     """Logits that predicted each response token, and optionally the last hidden state there.
 
     sequences, attention_mask: (B, L) with the response in the last T = response_width columns.
     Returns ((B, T, V) logits, (B, T, H) hidden states or None): position P − 1 + t predicts token t.
-    Only the last T + 1 positions go through the output layer.
+    Only those positions go through the output layer. With `packed`, only the real tokens go
+    through the model (`pipeline.packed`); positions that are padding give token 0's outputs,
+    which the response mask leaves out.
     """
+    if packed:
+        return _packed_response_logits(causal_lm, sequences, attention_mask, response_width,
+                                       with_hidden)
     out = causal_lm(input_ids=sequences, attention_mask=attention_mask,
                     position_ids=positions(attention_mask), logits_to_keep=response_width + 1,
                     output_hidden_states=with_hidden, use_cache=False)
     hidden = out.hidden_states[-1][:, -(response_width + 1):-1] if with_hidden else None
     return out.logits[:, :-1], hidden
+
+
+def _packed_response_logits(causal_lm, sequences, attention_mask, response_width: int,
+                            with_hidden: bool):
+    layout = sequences_layout(attention_mask)
+    episodes, length = sequences.shape
+    columns = torch.arange(length - response_width - 1, length - 1, device=sequences.device)
+    rows = torch.arange(episodes, device=sequences.device).unsqueeze(1)
+    keep = token_index(layout, rows, columns.unsqueeze(0)).flatten()  # (B·T,) among the real tokens
+    out = packed_forward(causal_lm, {"input_ids": sequences,
+                                     "position_ids": positions(attention_mask)}, layout,
+                         logits_to_keep=keep, output_hidden_states=with_hidden)
+    hidden = (out.hidden_states[-1][0, keep].unflatten(0, (episodes, response_width))
+              if with_hidden else None)
+    return out.logits[0].unflatten(0, (episodes, response_width)), hidden
 
 
 class SafetensorsModule(nn.Module):
@@ -74,14 +97,25 @@ class TokenScorer(SafetensorsModule):
     state before a response token). The head keeps the bias the reward stage's normalization adds.
     """
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, packed: bool = False):
         super().__init__()
         self.classifier = classifier
+        self.packed = packed  # only the real tokens through the model (`pipeline.packed`)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         backbone = getattr(self.classifier, self.classifier.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=positions(attention_mask), use_cache=False).last_hidden_state
+        if not self.packed:
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=positions(attention_mask),
+                              use_cache=False).last_hidden_state
+            return self._scores(hidden)
+        layout = sequences_layout(attention_mask)
+        hidden = packed_forward(backbone, {"input_ids": input_ids,
+                                           "position_ids": positions(attention_mask)},
+                                layout).last_hidden_state
+        return layout.in_rows(self._scores(hidden))  # padding: token 0's score, masked by callers
+
+    def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
         # A new tensor, not a view of the head's output: FSDP2 hooks its module's outputs for the
         # backward pass, which an in-place change of a view would bypass.
         return self.classifier.score(hidden).squeeze(-1).to(torch.float32, copy=True)
@@ -116,6 +150,7 @@ class Models:
     reward_model: TokenScorer
     value_model: TokenScorer | None
     value_head: ValueHead | None
+    packed: bool = False  # the policy's and reference's passes on real tokens only (`use_packing`)
 
     @property
     def critic(self) -> SafetensorsModule:
@@ -131,9 +166,11 @@ class Models:
 
     def reference_logits(self, sequences, attention_mask, response_width) -> torch.Tensor:
         if self.reference is not None:
-            return response_logits(self.reference, sequences, attention_mask, response_width)[0]
+            return response_logits(self.reference, sequences, attention_mask, response_width,
+                                   packed=self.packed)[0]
         with self.policy.disable_adapter():
-            return response_logits(self.policy, sequences, attention_mask, response_width)[0]
+            return response_logits(self.policy, sequences, attention_mask, response_width,
+                                   packed=self.packed)[0]
 
 
 def critic_values(value_model, sequences, attention_mask, response_width: int) -> torch.Tensor:
@@ -165,6 +202,75 @@ class PolicyEMA(SafetensorsModule):
     def copy_to(self, policy: nn.Module) -> None:
         for average, (_, param) in zip(self.buffers(), trainable(policy)):
             param.copy_(average)
+
+
+@torch.no_grad()
+def use_packing(models: Models, prompt: list[int], pad_token_id: int) -> str:
+    """Turn on packed passes (only the real tokens through each model, `pipeline.packed`) when
+    every model's attention can take them and, on a test batch made of `prompt` (left- and
+    right-padded), they give what the padded passes give; a sentence saying how the passes run.
+    Otherwise each model keeps its own attention implementation."""
+    scorers = [scorer for scorer in (models.reward_model, models.value_model) if scorer is not None]
+    modules = [models.policy, *([models.reference] if models.reference is not None else []),
+               *(scorer.classifier for scorer in scorers)]
+    implementations = [inner_model(module).config._attn_implementation for module in modules]
+    unpackable = [name for name in implementations if name not in PACKABLE_ATTENTION]
+    if unpackable:
+        return f"padded passes (the models' {unpackable[0]} attention takes no block mask)"
+    try:
+        gap = _packing_gap(models, scorers, *_test_batch(prompt, pad_token_id, models))
+    except (TypeError, ValueError, RuntimeError) as err:
+        gap = f"{type(err).__name__}: {first_line(err)}"
+    if gap is None:
+        models.packed = True
+        for scorer in scorers:
+            scorer.packed = True
+        return "each episode's real tokens only through the models (no padding computed)"
+    for module, implementation in zip(modules, implementations):
+        inner_model(module).set_attn_implementation(implementation)
+    return f"padded passes (the models' outputs change when packed: {gap})"
+
+
+def _test_batch(prompt: list[int], pad_token_id: int, models: Models):
+    """Two episodes of `prompt`'s tokens: the prompt and its second half, answered by its first
+    four and first two tokens; so one is left-padded and the other right-padded."""
+    device = next(models.policy.parameters()).device
+    prompt_ids, prompt_mask = left_pad([prompt, prompt[len(prompt) // 2:]], pad_token_id)
+    response_ids, response_mask = right_pad([prompt[:4], prompt[:2]], pad_token_id)
+    return (torch.cat([prompt_ids, response_ids], dim=1).to(device),
+            torch.cat([prompt_mask, response_mask], dim=1).to(device), response_mask.to(device))
+
+
+def _packing_gap(models: Models, scorers: list[TokenScorer], sequences, attention_mask,
+                 response_mask) -> str | None:
+    """How far the packed passes' outputs are from the padded ones' on real tokens, or None when
+    within rounding of the weights' dtype."""
+    width = response_mask.shape[1]
+    kept = response_mask.bool()
+    pairs = []
+    try:
+        for packed in (False, True):
+            models.packed = packed
+            for scorer in scorers:
+                scorer.packed = packed
+            logits, hidden = response_logits(models.policy, sequences, attention_mask, width,
+                                             with_hidden=True, packed=packed)
+            reference = models.reference_logits(sequences, attention_mask, width)
+            pairs.append([logits[kept], hidden[kept], reference[kept],
+                          *(scorer(sequences, attention_mask)[attention_mask.bool()]
+                            for scorer in scorers)])
+    finally:
+        models.packed = False
+        for scorer in scorers:
+            scorer.packed = False
+    dtype = next(models.policy.parameters()).dtype
+    tolerance = max(1e-4, 8 * torch.finfo(dtype).eps)
+    for name, padded, packed in zip(("policy logits", "policy hidden states", "reference logits",
+                                     "reward scores", "values"), *pairs):
+        gap = (packed.float() - padded.float()).abs().max().item()
+        if gap > tolerance * (1 + padded.float().abs().max().item()):
+            return f"{name} by {gap:.2g}"
+    return None
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -59,7 +59,7 @@ from pipeline.tokenizer import encode_prompt, load_tokenizer
 from pipeline.world.cache import world_file
 from stages.ppo.config import Config, DataSection
 from stages.ppo.evaluation import SamplesFile, describe_result, log_gold, run_summary, start_gold
-from stages.ppo.models import Models, build_models
+from stages.ppo.models import Models, build_models, use_packing
 from stages.ppo.update import PPOTrainer
 
 
@@ -200,6 +200,7 @@ def _train(stage_run, config: Config, inputs: Inputs) -> Run:
     models = build_models(config, inputs.start_policy, inputs.reward_model, tokenizer,
                           resume_dir, stage_precision(config).frozen)
     stage_run.say(describe_setup(config, inputs, models))
+    stage_run.say(f"ppo: {use_packing(models, inputs.prompts[0], tokenizer.pad_token_id)}")
     stage_run.say(memory_line("ppo", models.named(), [models.policy, models.critic]))
     gold_start = start_gold(stage_run, models.policy, tokenizer, inputs.eval_prompts, config)
     ptx_blocks = (pack_blocks(inputs.ptx_texts, tokenizer, config.ptx.seq_len)

@@ -182,7 +182,8 @@ class PPOTrainer:
             return {**policy_stats, **value_stats}
         with self.accelerator.autocast():
             logits, hidden = response_logits(self.policy, batch.sequences, batch.attention_mask,
-                                             batch.response_width, with_hidden=True)
+                                             batch.response_width, with_hidden=True,
+                                             packed=self.models.packed)
             pg_loss, stats = self.policy_objective(batch, logits)
             vf_loss, value_stats = self.value_objective(batch, self.critic(hidden))
         self.accelerator.backward((pg_loss + self.config.ppo.value_coef * vf_loss) * scale)
@@ -194,7 +195,7 @@ class PPOTrainer:
     def policy_backward(self, batch: Experience, scale: float, ptx_index: int | None) -> dict:
         with self.accelerator.autocast():
             logits, _ = response_logits(self.policy, batch.sequences, batch.attention_mask,
-                                        batch.response_width)
+                                        batch.response_width, packed=self.models.packed)
             pg_loss, stats = self.policy_objective(batch, logits)
         self.accelerator.backward(pg_loss * scale)
         if ptx_index is not None:

@@ -16,7 +16,8 @@ from pipeline.data.packing import left_pad
 from stages.ppo.losses import logprobs_from_logits, masked_mean, response_mask_after_eos
 from stages.ppo.config import Config
 from stages.ppo.experience import make_experience
-from stages.ppo.models import Models, PolicyEMA, TokenScorer, ValueHead, positions, response_logits
+from stages.ppo.models import (Models, PolicyEMA, TokenScorer, ValueHead, positions,
+                               response_logits, use_packing)
 from stages.ppo.sampling import episode_keys
 from stages.ppo.threads import side_by_side
 from stages.ppo.update import PPOTrainer, step_seed
@@ -80,8 +81,9 @@ def gpt2_lm(seed: int):
                                       bos_token_id=None, initializer_range=0.3)).eval()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("make_policy", [causal_lm, gpt2_lm], ids=["llama", "gpt2"])
-def test_recomputed_logprobs_match_sampling_with_left_padding(make_policy):
+def test_recomputed_logprobs_match_sampling_with_left_padding(make_policy, packed):
     policy = make_policy(0)
     prompt_ids, prompt_mask = left_pad(PROMPTS, PAD)
     with torch.no_grad():
@@ -96,7 +98,7 @@ def test_recomputed_logprobs_match_sampling_with_left_padding(make_policy):
     valid = mask.bool()
     sampled = logprobs_from_logits(torch.stack(out.logits, dim=1), responses, 0.7)[valid]
     with torch.no_grad():
-        recomputed = response_logits(policy, sequences, attention_mask, width)[0]
+        recomputed = response_logits(policy, sequences, attention_mask, width, packed=packed)[0]
     assert torch.allclose(logprobs_from_logits(recomputed, responses, 0.7)[valid], sampled,
                           atol=1e-4)
     # Without the temperature the log-probs disagree: the classic source of negative KL.
@@ -248,3 +250,39 @@ def test_first_ratio_is_exactly_one_in_bf16(shared_backbone):
     assert metrics["clip_fraction"] == 0.0
     assert all(math.isfinite(value) for name, value in metrics.items()
                if name != "explained_variance")
+
+
+PACKED = "each episode's real tokens only through the models (no padding computed)"
+
+
+@pytest.mark.parametrize("shared_backbone", [False, True], ids=["value-model", "value-head"])
+def test_packed_passes_give_the_padded_experience(shared_backbone):
+    config = ppo_config(generation={"max_new_tokens": 12})
+    padded = rollout(tiny_models(shared_backbone), config, seed=1)
+    models = tiny_models(shared_backbone)
+    assert use_packing(models, PROMPTS[0], PAD) == PACKED
+    assert models.packed and models.reward_model.packed
+    packed = rollout(models, config, seed=1)
+    assert torch.equal(packed.sequences, padded.sequences)
+    mask = padded.response_mask.bool()
+    for name in ("logprobs", "ref_logprobs", "values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(packed, name)[mask], getattr(padded, name)[mask],
+                                   atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(packed.rm_scores, padded.rm_scores, atol=1e-5, rtol=0)
+
+
+def test_a_policy_that_drops_the_row_layout_keeps_padded_passes():
+    class LayoutBlind(LlamaForCausalLM):
+        """Attends causally along the whole sequence of packed tokens: it drops the mask, the
+        positions and the row layout it is given."""
+
+        def forward(self, attention_mask=None, position_ids=None, row_layout=None, **inputs):
+            return super().forward(**inputs)
+
+    models = tiny_models()
+    torch.manual_seed(0)
+    models.policy = LayoutBlind(llama_config()).eval()
+    how = use_packing(models, PROMPTS[0], PAD)
+    assert how.startswith("padded passes (the models' outputs change when packed: policy logits")
+    assert not models.packed and not models.reward_model.packed
+    assert models.policy.config._attn_implementation == "sdpa"  # its own attention again
