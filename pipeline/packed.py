@@ -2,11 +2,13 @@
 
 A packed batch (`pipeline.data.packing`: the reward stage's shared prompts, SFT's padding-free
 rows) places blocks of tokens into right-padded rows, each block attending only to itself through
-a block attention mask. Attention is the one layer that needs the rows; every other layer works
-token by token, and would spend its compute on the padding as well (a quarter of the tokens in the
-tiny reward stage's batches). So `packed_forward` runs the model on the real tokens as one sequence
-(1, T), and the model's attention, swapped for `row_attention`, gathers the queries, keys and values
-into the rows, applies the block mask there with sdpa, and puts the outputs back in token order.
+a block attention mask; padded sequences (PPO's episodes: left-padded prompts, right-padded
+answers) are rows of one block each (`sequences_layout`). Attention is the one layer that needs
+the rows; every other layer works token by token, and would spend its compute on the padding as
+well (a quarter of the tokens of the tiny reward stage's batches, half of PPO's). So
+`packed_forward` runs the model on the real tokens as one sequence (1, T), and the model's
+attention, swapped for `row_attention`, gathers the queries, keys and values into the rows,
+applies the block mask there with sdpa, and puts the outputs back in token order.
 
 The swap goes through transformers' AttentionInterface: the model's attention implementation
 becomes `ROW_ATTENTION` for good, not for one call, because gradient checkpointing recomputes the
